@@ -1,0 +1,253 @@
+//! The client↔edge WebSocket protocol: JSON messages on text frames.
+//!
+//! Binary frames carry audio; text frames carry the control messages below.
+//! `docs/protocol.md` has the full description with examples.
+
+use serde::{Deserialize, Serialize};
+
+/// What the edge sends to a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Sent once, first.
+    Session(SessionInfo),
+    /// One per utterance, in utterance order.
+    Final(FinalMessage),
+    Error(ErrorMessage),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub session: String,
+    pub edge: String,
+    pub jurisdiction: String,
+    /// Regions that may process this session, most preferred first.
+    pub regions: Vec<String>,
+    pub sample_rate: u32,
+    pub encoding: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalMessage {
+    pub utterance: u32,
+    pub text: String,
+    pub region: String,
+    pub model: String,
+    /// Seconds from the start of the session's audio.
+    pub start: f64,
+    pub end: f64,
+    /// SHA-256 (hex) of the 16 kHz s16le PCM the region transcribed.
+    pub audio_sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    pub code: ClientErrorCode,
+    pub message: String,
+    /// The session ends after a fatal error.
+    pub fatal: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utterance: Option<u32>,
+}
+
+/// Stable error codes sent to clients. Renaming one is a breaking change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientErrorCode {
+    /// A query parameter is missing or malformed.
+    InvalidQuery,
+    UnsupportedEncoding,
+    UnsupportedSampleRate,
+    /// A binary frame is not a whole number of samples.
+    InvalidAudioFrame,
+    /// A text frame is not a JSON object with a string `type`.
+    InvalidJson,
+    UnknownMessageType,
+    /// A frame exceeded the edge's message size limit.
+    FrameTooLarge,
+    /// The region refused or failed this utterance; see `message`.
+    UtteranceFailed,
+    /// No permitted region could take the utterance.
+    NoRegionAvailable,
+    /// The edge is at its session limit; retry later.
+    ServerBusy,
+    /// No frame arrived within the idle timeout.
+    IdleTimeout,
+    /// The edge is shutting down.
+    ShuttingDown,
+    /// A WebSocket protocol violation.
+    ProtocolError,
+}
+
+impl ClientErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientErrorCode::InvalidQuery => "invalid_query",
+            ClientErrorCode::UnsupportedEncoding => "unsupported_encoding",
+            ClientErrorCode::UnsupportedSampleRate => "unsupported_sample_rate",
+            ClientErrorCode::InvalidAudioFrame => "invalid_audio_frame",
+            ClientErrorCode::InvalidJson => "invalid_json",
+            ClientErrorCode::UnknownMessageType => "unknown_message_type",
+            ClientErrorCode::FrameTooLarge => "frame_too_large",
+            ClientErrorCode::UtteranceFailed => "utterance_failed",
+            ClientErrorCode::NoRegionAvailable => "no_region_available",
+            ClientErrorCode::ServerBusy => "server_busy",
+            ClientErrorCode::IdleTimeout => "idle_timeout",
+            ClientErrorCode::ShuttingDown => "shutting_down",
+            ClientErrorCode::ProtocolError => "protocol_error",
+        }
+    }
+}
+
+impl ErrorMessage {
+    pub fn new(code: ClientErrorCode, message: impl Into<String>, fatal: bool) -> Self {
+        ErrorMessage {
+            code,
+            message: message.into(),
+            fatal,
+            utterance: None,
+        }
+    }
+}
+
+impl ServerMessage {
+    pub fn to_json(&self) -> String {
+        // Serialising these plain structs cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+/// What a client may send on a text frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientMessage {
+    /// End the current utterance now.
+    Finalize,
+    /// End the session after the pending finals.
+    Close,
+}
+
+/// Parses a control message, telling malformed JSON apart from an unknown
+/// message type.
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, ErrorMessage> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        ErrorMessage::new(
+            ClientErrorCode::InvalidJson,
+            format!("text frames must be JSON objects like {{\"type\":\"finalize\"}}: {e}"),
+            false,
+        )
+    })?;
+    let kind = value.get("type").and_then(|t| t.as_str()).ok_or_else(|| {
+        ErrorMessage::new(
+            ClientErrorCode::InvalidJson,
+            "text frames must be JSON objects with a string \"type\" field",
+            false,
+        )
+    })?;
+    match kind {
+        "finalize" => Ok(ClientMessage::Finalize),
+        "close" => Ok(ClientMessage::Close),
+        other => Err(ErrorMessage::new(
+            ClientErrorCode::UnknownMessageType,
+            format!(
+                "unknown message type {:?}: expected \"finalize\" or \"close\"",
+                truncate(other, 64)
+            ),
+            false,
+        )),
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+/// Lowercase hex of a byte string.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_parse() {
+        assert_eq!(
+            parse_client_message(r#"{"type":"finalize"}"#),
+            Ok(ClientMessage::Finalize)
+        );
+        assert_eq!(
+            parse_client_message(r#" {"type":"close","extra":1} "#),
+            Ok(ClientMessage::Close)
+        );
+    }
+
+    #[test]
+    fn bad_control_messages_get_distinct_codes() {
+        let code = |t: &str| parse_client_message(t).unwrap_err().code;
+        assert_eq!(code("hello"), ClientErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ClientErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"type":3}"#), ClientErrorCode::InvalidJson);
+        assert_eq!(
+            code(r#"{"type":"dance"}"#),
+            ClientErrorCode::UnknownMessageType
+        );
+        let long = format!(r#"{{"type":"{}"}}"#, "x".repeat(10_000));
+        assert!(parse_client_message(&long).unwrap_err().message.len() < 200);
+    }
+
+    #[test]
+    fn server_messages_have_the_documented_shape() {
+        let m = ServerMessage::Final(FinalMessage {
+            utterance: 2,
+            text: "hi".into(),
+            region: "eu-west".into(),
+            model: "whisper@1".into(),
+            start: 1.5,
+            end: 2.25,
+            audio_sha256: "00".into(),
+        });
+        assert_eq!(
+            m.to_json(),
+            r#"{"type":"final","utterance":2,"text":"hi","region":"eu-west","model":"whisper@1","start":1.5,"end":2.25,"audio_sha256":"00"}"#
+        );
+        let e = ServerMessage::Error(ErrorMessage::new(
+            ClientErrorCode::InvalidAudioFrame,
+            "m",
+            false,
+        ));
+        assert_eq!(
+            e.to_json(),
+            r#"{"type":"error","code":"invalid_audio_frame","message":"m","fatal":false}"#
+        );
+        let back: ServerMessage = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn error_code_strings_match_serde() {
+        for code in [
+            ClientErrorCode::InvalidQuery,
+            ClientErrorCode::NoRegionAvailable,
+            ClientErrorCode::ProtocolError,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&code).unwrap(),
+                format!("\"{}\"", code.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn hex_is_lowercase() {
+        assert_eq!(hex(&[0x00, 0xab, 0x0f]), "00ab0f");
+    }
+}

@@ -1,0 +1,138 @@
+//! QUIC endpoint configuration with mutual TLS.
+//!
+//! Regions present a certificate for their `tls_name`, signed by the
+//! deployment's CA; edges verify it against that CA (never "accept
+//! anything") and present their own client certificate, which regions verify
+//! against the same CA. `earshot certs` generates such a CA and certificates
+//! for development. One crypto provider (aws-lc-rs) is passed explicitly, so
+//! nothing depends on a process-wide default.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::wire::ALPN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} from {path}: {reason}")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{path} holds no certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("invalid TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Paths of a node's certificate, key and the CA it trusts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// PEM certificate chain of this node.
+    pub cert: PathBuf,
+    /// PEM private key of this node.
+    pub key: PathBuf,
+    /// PEM CA certificate(s) that peers must chain to.
+    pub ca: PathBuf,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Pem {
+            what: "certificates",
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        what: "private key",
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Config(format!("CA {}: {e}", path.display())))?;
+    }
+    Ok(roots)
+}
+
+fn config_err(e: impl std::fmt::Display) -> TlsError {
+    TlsError::Config(e.to_string())
+}
+
+/// Transport limits shared by both ends.
+fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(max_streams.into());
+    t.max_concurrent_uni_streams(0u8.into());
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+/// Server side of a region's QUIC ingress: presents `paths.cert`, requires a
+/// client certificate chaining to `paths.ca`.
+pub fn server_config(paths: &TlsPaths, max_streams: u32) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&paths.ca)?), provider.clone())
+            .build()
+            .map_err(config_err)?;
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&paths.cert)?, load_key(&paths.key)?)
+        .map_err(config_err)?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(crypto).map_err(config_err)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport(max_streams));
+    Ok(config)
+}
+
+/// Client side of an edge's uplink: verifies regions against `paths.ca` and
+/// presents `paths.cert`.
+pub fn client_config(paths: &TlsPaths) -> Result<quinn::ClientConfig, TlsError> {
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(config_err)?
+        .with_root_certificates(roots(&paths.ca)?)
+        .with_client_auth_cert(load_certs(&paths.cert)?, load_key(&paths.key)?)
+        .map_err(config_err)?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(crypto).map_err(config_err)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport(1024));
+    Ok(config)
+}

@@ -1,0 +1,598 @@
+//! The topology file: jurisdictions, regions, edges, and the residency policy
+//! that decides which regions may process a session.
+//!
+//! The file is TOML. Loading it rejects anything that could route audio
+//! somewhere it must not go: unknown fields, duplicate names, references to
+//! regions or jurisdictions that do not exist, and an edge whose region list
+//! contains a region its (strict) jurisdiction forbids.
+//!
+//! ```toml
+//! [[jurisdiction]]
+//! name = "eu"
+//! strict = true      # audio may only be processed in regions of this jurisdiction
+//!
+//! [[region]]
+//! name = "eu-west"
+//! jurisdiction = "eu"
+//! quic = "127.0.0.1:7401"   # where edges dial the region's QUIC ingress
+//!
+//! [[edge]]
+//! name = "edge-fra"
+//! jurisdiction = "eu"
+//! regions = ["eu-west"]     # in order of preference
+//! ```
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Why a topology file was rejected. Every message names the offending entry
+/// and says what to change.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TopologyError {
+    #[error("cannot read topology file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("topology is not valid TOML or has an unknown field: {0}")]
+    Parse(String),
+    #[error("topology defines no {0}: add at least one [[{0}]] table")]
+    Missing(&'static str),
+    #[error(
+        "{kind} name {name:?} is invalid: use 1-63 lowercase letters, digits and '-', starting with a letter (names become DNS labels and Redis keys)"
+    )]
+    InvalidName { kind: &'static str, name: String },
+    #[error("{kind} {name:?} is defined twice: names must be unique")]
+    Duplicate { kind: &'static str, name: String },
+    #[error(
+        "{kind} {name:?} names jurisdiction {jurisdiction:?}, which no [[jurisdiction]] defines"
+    )]
+    UnknownJurisdiction {
+        kind: &'static str,
+        name: String,
+        jurisdiction: String,
+    },
+    #[error("edge {edge:?} lists region {region:?}, which no [[region]] defines")]
+    UnknownRegion { edge: String, region: String },
+    #[error("edge {edge:?} lists region {region:?} twice")]
+    RepeatedRegion { edge: String, region: String },
+    #[error("edge {edge:?} has an empty region list: give it at least one region")]
+    NoRegions { edge: String },
+    #[error(
+        "edge {edge:?} is in strict jurisdiction {jurisdiction:?} but lists region {region:?} of jurisdiction {region_jurisdiction:?}: audio from {jurisdiction:?} may only be processed in {jurisdiction:?} regions; remove {region:?} from the edge's regions"
+    )]
+    ForbiddenRegion {
+        edge: String,
+        jurisdiction: String,
+        region: String,
+        region_jurisdiction: String,
+    },
+    #[error("region {region:?} has an invalid quic endpoint {endpoint:?}: expected host:port")]
+    InvalidEndpoint { region: String, endpoint: String },
+    #[error("regions {first:?} and {second:?} share the quic endpoint {endpoint:?}")]
+    SharedEndpoint {
+        first: String,
+        second: String,
+        endpoint: String,
+    },
+    #[error("no edge named {0:?} in the topology")]
+    UnknownEdge(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopology {
+    #[serde(default, rename = "jurisdiction")]
+    jurisdictions: Vec<Jurisdiction>,
+    #[serde(default, rename = "region")]
+    regions: Vec<RawRegion>,
+    #[serde(default, rename = "edge")]
+    edges: Vec<Edge>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegion {
+    name: String,
+    jurisdiction: String,
+    quic: String,
+    tls_name: Option<String>,
+}
+
+/// A legal area whose rules decide where audio may be processed.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jurisdiction {
+    pub name: String,
+    /// A strict jurisdiction's sessions are processed only in regions of the
+    /// same jurisdiction.
+    #[serde(default)]
+    pub strict: bool,
+}
+
+/// A regional cluster: QUIC ingress, queue and GPU workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    pub name: String,
+    pub jurisdiction: String,
+    /// `host:port` of the region's QUIC ingress.
+    pub quic: String,
+    /// The DNS name the region's certificate is issued for; defaults to the
+    /// region name.
+    pub tls_name: String,
+}
+
+/// An edge node: where clients connect. Sessions take the edge's jurisdiction.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Edge {
+    pub name: String,
+    pub jurisdiction: String,
+    /// Regions to use, most preferred first.
+    pub regions: Vec<String>,
+}
+
+/// A validated topology. Construct it with [`Topology::load`] or
+/// [`Topology::from_toml_str`]; every reference inside it resolves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    jurisdictions: Vec<Jurisdiction>,
+    regions: Vec<Region>,
+    edges: Vec<Edge>,
+}
+
+impl Topology {
+    /// Reads and validates a topology file.
+    pub fn load(path: &Path) -> Result<Self, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    /// Parses and validates topology TOML.
+    pub fn from_toml_str(text: &str) -> Result<Self, TopologyError> {
+        let raw: RawTopology =
+            toml::from_str(text).map_err(|e| TopologyError::Parse(e.to_string()))?;
+        let regions = raw
+            .regions
+            .into_iter()
+            .map(|r| Region {
+                tls_name: r.tls_name.unwrap_or_else(|| r.name.clone()),
+                name: r.name,
+                jurisdiction: r.jurisdiction,
+                quic: r.quic,
+            })
+            .collect();
+        let topology = Topology {
+            jurisdictions: raw.jurisdictions,
+            regions,
+            edges: raw.edges,
+        };
+        topology.validate()?;
+        Ok(topology)
+    }
+
+    fn validate(&self) -> Result<(), TopologyError> {
+        if self.jurisdictions.is_empty() {
+            return Err(TopologyError::Missing("jurisdiction"));
+        }
+        if self.regions.is_empty() {
+            return Err(TopologyError::Missing("region"));
+        }
+        unique_valid_names("jurisdiction", self.jurisdictions.iter().map(|j| &j.name))?;
+        unique_valid_names("region", self.regions.iter().map(|r| &r.name))?;
+        unique_valid_names("edge", self.edges.iter().map(|e| &e.name))?;
+
+        let mut endpoints: Vec<(&str, &str)> = Vec::new();
+        for region in &self.regions {
+            self.require_jurisdiction("region", &region.name, &region.jurisdiction)?;
+            if !is_host_port(&region.quic) {
+                return Err(TopologyError::InvalidEndpoint {
+                    region: region.name.clone(),
+                    endpoint: region.quic.clone(),
+                });
+            }
+            if let Some((first, _)) = endpoints.iter().find(|(_, e)| *e == region.quic) {
+                return Err(TopologyError::SharedEndpoint {
+                    first: (*first).to_owned(),
+                    second: region.name.clone(),
+                    endpoint: region.quic.clone(),
+                });
+            }
+            endpoints.push((&region.name, &region.quic));
+        }
+
+        for edge in &self.edges {
+            self.require_jurisdiction("edge", &edge.name, &edge.jurisdiction)?;
+            if edge.regions.is_empty() {
+                return Err(TopologyError::NoRegions {
+                    edge: edge.name.clone(),
+                });
+            }
+            let mut seen = HashSet::new();
+            for name in &edge.regions {
+                if !seen.insert(name) {
+                    return Err(TopologyError::RepeatedRegion {
+                        edge: edge.name.clone(),
+                        region: name.clone(),
+                    });
+                }
+                let region = self
+                    .region(name)
+                    .ok_or_else(|| TopologyError::UnknownRegion {
+                        edge: edge.name.clone(),
+                        region: name.clone(),
+                    })?;
+                if !self.may_process(&edge.jurisdiction, region) {
+                    return Err(TopologyError::ForbiddenRegion {
+                        edge: edge.name.clone(),
+                        jurisdiction: edge.jurisdiction.clone(),
+                        region: region.name.clone(),
+                        region_jurisdiction: region.jurisdiction.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn require_jurisdiction(
+        &self,
+        kind: &'static str,
+        name: &str,
+        jurisdiction: &str,
+    ) -> Result<(), TopologyError> {
+        match self.jurisdiction(jurisdiction) {
+            Some(_) => Ok(()),
+            None => Err(TopologyError::UnknownJurisdiction {
+                kind,
+                name: name.to_owned(),
+                jurisdiction: jurisdiction.to_owned(),
+            }),
+        }
+    }
+
+    pub fn jurisdictions(&self) -> &[Jurisdiction] {
+        &self.jurisdictions
+    }
+
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    pub fn edges(&self) -> &[Edge] {
+        &self.edges
+    }
+
+    pub fn jurisdiction(&self, name: &str) -> Option<&Jurisdiction> {
+        self.jurisdictions.iter().find(|j| j.name == name)
+    }
+
+    pub fn region(&self, name: &str) -> Option<&Region> {
+        self.regions.iter().find(|r| r.name == name)
+    }
+
+    pub fn edge(&self, name: &str) -> Option<&Edge> {
+        self.edges.iter().find(|e| e.name == name)
+    }
+
+    /// The residency rule: may a session of `session_jurisdiction` be
+    /// processed in `region`? Fails closed: an unknown jurisdiction may be
+    /// processed nowhere.
+    pub fn may_process(&self, session_jurisdiction: &str, region: &Region) -> bool {
+        match self.jurisdiction(session_jurisdiction) {
+            None => false,
+            Some(j) if j.strict => region.jurisdiction == j.name,
+            Some(_) => true,
+        }
+    }
+
+    /// The regions that may process a session entering at `edge`, in the
+    /// edge's order of preference. Loading already rejects forbidden entries;
+    /// the filter here is a second, independent check.
+    pub fn permitted_regions(&self, edge: &str) -> Result<Vec<&Region>, TopologyError> {
+        let edge = self
+            .edge(edge)
+            .ok_or_else(|| TopologyError::UnknownEdge(edge.to_owned()))?;
+        Ok(edge
+            .regions
+            .iter()
+            .filter_map(|name| self.region(name))
+            .filter(|region| self.may_process(&edge.jurisdiction, region))
+            .collect())
+    }
+}
+
+fn unique_valid_names<'a>(
+    kind: &'static str,
+    names: impl Iterator<Item = &'a String>,
+) -> Result<(), TopologyError> {
+    let mut seen = HashSet::new();
+    for name in names {
+        if !is_valid_name(name) {
+            return Err(TopologyError::InvalidName {
+                kind,
+                name: name.clone(),
+            });
+        }
+        if !seen.insert(name) {
+            return Err(TopologyError::Duplicate {
+                kind,
+                name: name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Names become DNS labels, Redis key parts and metric label values.
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes[0].is_ascii_lowercase()
+        && !name.ends_with('-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+fn is_host_port(endpoint: &str) -> bool {
+    if endpoint.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    match endpoint.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(['[', ']', ' ', '/'])
+                && port.parse::<u16>().is_ok_and(|p| p != 0)
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[jurisdiction]]
+        name = "eu"
+        strict = true
+
+        [[jurisdiction]]
+        name = "us"
+
+        [[region]]
+        name = "eu-west"
+        jurisdiction = "eu"
+        quic = "127.0.0.1:7401"
+
+        [[region]]
+        name = "eu-central"
+        jurisdiction = "eu"
+        quic = "eu-central.example.net:443"
+        tls_name = "ingress.eu-central.example.net"
+
+        [[region]]
+        name = "us-east"
+        jurisdiction = "us"
+        quic = "127.0.0.1:7403"
+
+        [[edge]]
+        name = "edge-fra"
+        jurisdiction = "eu"
+        regions = ["eu-central", "eu-west"]
+
+        [[edge]]
+        name = "edge-nyc"
+        jurisdiction = "us"
+        regions = ["us-east", "eu-west"]
+    "#;
+
+    fn with(extra: &str) -> Result<Topology, TopologyError> {
+        Topology::from_toml_str(&format!("{GOOD}\n{extra}"))
+    }
+
+    fn names(regions: Vec<&Region>) -> Vec<&str> {
+        regions.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_good_topology_loads_and_keeps_edge_order() {
+        let t = Topology::from_toml_str(GOOD).unwrap();
+        assert_eq!(
+            names(t.permitted_regions("edge-fra").unwrap()),
+            ["eu-central", "eu-west"]
+        );
+        // A non-strict jurisdiction may use any region it lists.
+        assert_eq!(
+            names(t.permitted_regions("edge-nyc").unwrap()),
+            ["us-east", "eu-west"]
+        );
+        assert_eq!(
+            t.region("eu-central").unwrap().tls_name,
+            "ingress.eu-central.example.net"
+        );
+        assert_eq!(t.region("eu-west").unwrap().tls_name, "eu-west");
+    }
+
+    #[test]
+    fn residency_rule_is_strict_for_strict_jurisdictions_and_fails_closed() {
+        let t = Topology::from_toml_str(GOOD).unwrap();
+        let eu = t.region("eu-west").unwrap();
+        let us = t.region("us-east").unwrap();
+        assert!(t.may_process("eu", eu));
+        assert!(!t.may_process("eu", us));
+        assert!(t.may_process("us", eu));
+        assert!(t.may_process("us", us));
+        assert!(
+            !t.may_process("mars", us),
+            "unknown jurisdiction fails closed"
+        );
+    }
+
+    #[test]
+    fn unknown_edge_is_an_error() {
+        let t = Topology::from_toml_str(GOOD).unwrap();
+        assert_eq!(
+            t.permitted_regions("edge-x"),
+            Err(TopologyError::UnknownEdge("edge-x".into()))
+        );
+    }
+
+    #[test]
+    fn an_eu_edge_listing_a_us_region_is_rejected_with_a_fix() {
+        let err = with(
+            r#"
+            [[edge]]
+            name = "edge-par"
+            jurisdiction = "eu"
+            regions = ["eu-west", "us-east"]
+        "#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            TopologyError::ForbiddenRegion {
+                edge: "edge-par".into(),
+                jurisdiction: "eu".into(),
+                region: "us-east".into(),
+                region_jurisdiction: "us".into(),
+            }
+        );
+        assert!(err.to_string().contains("remove \"us-east\""), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let err =
+            with("[[region]]\nname = \"x\"\njurisdiction = \"eu\"\nquic = \"a:1\"\ngpu = 4\n")
+                .unwrap_err();
+        assert!(
+            matches!(&err, TopologyError::Parse(m) if m.contains("gpu")),
+            "{err}"
+        );
+        let err = Topology::from_toml_str("regionz = []").unwrap_err();
+        assert!(
+            matches!(&err, TopologyError::Parse(m) if m.contains("regionz")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn duplicates_are_rejected() {
+        assert_eq!(
+            with("[[region]]\nname = \"eu-west\"\njurisdiction = \"eu\"\nquic = \"127.0.0.1:9\"\n"),
+            Err(TopologyError::Duplicate {
+                kind: "region",
+                name: "eu-west".into()
+            })
+        );
+        assert_eq!(
+            with("[[edge]]\nname = \"edge-fra\"\njurisdiction = \"eu\"\nregions = [\"eu-west\"]\n"),
+            Err(TopologyError::Duplicate {
+                kind: "edge",
+                name: "edge-fra".into()
+            })
+        );
+        assert_eq!(
+            with("[[jurisdiction]]\nname = \"eu\"\n"),
+            Err(TopologyError::Duplicate {
+                kind: "jurisdiction",
+                name: "eu".into()
+            })
+        );
+        assert_eq!(
+            with(
+                "[[edge]]\nname = \"e2\"\njurisdiction = \"us\"\nregions = [\"us-east\", \"us-east\"]\n"
+            ),
+            Err(TopologyError::RepeatedRegion {
+                edge: "e2".into(),
+                region: "us-east".into()
+            })
+        );
+    }
+
+    #[test]
+    fn dangling_references_are_rejected() {
+        assert_eq!(
+            with("[[edge]]\nname = \"e2\"\njurisdiction = \"us\"\nregions = [\"ap-south\"]\n"),
+            Err(TopologyError::UnknownRegion {
+                edge: "e2".into(),
+                region: "ap-south".into()
+            })
+        );
+        assert_eq!(
+            with("[[region]]\nname = \"r2\"\njurisdiction = \"uk\"\nquic = \"127.0.0.1:9\"\n"),
+            Err(TopologyError::UnknownJurisdiction {
+                kind: "region",
+                name: "r2".into(),
+                jurisdiction: "uk".into()
+            })
+        );
+        assert_eq!(
+            with("[[edge]]\nname = \"e2\"\njurisdiction = \"us\"\nregions = []\n"),
+            Err(TopologyError::NoRegions { edge: "e2".into() })
+        );
+    }
+
+    #[test]
+    fn names_and_endpoints_are_checked() {
+        for bad in ["EU", "", "-x", "x-", "a_b", "a.b", &"x".repeat(64)] {
+            let text = format!("[[jurisdiction]]\nname = {bad:?}\n");
+            assert!(
+                matches!(
+                    with(&text),
+                    Err(TopologyError::InvalidName {
+                        kind: "jurisdiction",
+                        ..
+                    })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        for bad in [
+            "localhost",
+            "127.0.0.1",
+            "host:0",
+            "host:99999",
+            ":80",
+            "a b:1",
+        ] {
+            let text =
+                format!("[[region]]\nname = \"r2\"\njurisdiction = \"us\"\nquic = {bad:?}\n");
+            assert!(
+                matches!(with(&text), Err(TopologyError::InvalidEndpoint { .. })),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(matches!(
+            with("[[region]]\nname = \"r2\"\njurisdiction = \"us\"\nquic = \"127.0.0.1:7401\"\n"),
+            Err(TopologyError::SharedEndpoint { .. })
+        ));
+        assert!(
+            with("[[region]]\nname = \"r2\"\njurisdiction = \"us\"\nquic = \"[::1]:7409\"\n")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn empty_topologies_are_rejected() {
+        assert_eq!(
+            Topology::from_toml_str(""),
+            Err(TopologyError::Missing("jurisdiction"))
+        );
+        assert_eq!(
+            Topology::from_toml_str("[[jurisdiction]]\nname = \"eu\"\n"),
+            Err(TopologyError::Missing("region"))
+        );
+    }
+
+    #[test]
+    fn a_missing_file_names_the_path() {
+        let err = Topology::load(Path::new("/nonexistent/topology.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/topology.toml"));
+    }
+}

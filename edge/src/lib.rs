@@ -1,0 +1,200 @@
+//! `earshot-edge`: where clients connect. It owns the client WebSocket and
+//! HTTP front (`/v1/listen`, `/healthz`, `/readyz`, `/metrics`), Silero voice
+//! activity detection with endpointing, and the QUIC uplink that sends each
+//! utterance to a region its session's jurisdiction permits.
+//!
+//! [`Edge::build`] loads and checks everything (config, topology, TLS, the
+//! VAD model) before any port is bound; [`Edge::serve`] runs on a listener
+//! until the shutdown token fires, then drains sessions.
+
+pub mod config;
+pub mod endpoint;
+pub mod metrics;
+pub mod session;
+pub mod uplink;
+pub mod vad;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use earshot_common::topology::Topology;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::EdgeConfig;
+use metrics::Metrics;
+use uplink::Uplink;
+use vad::Silero;
+
+/// Why the edge could not start. Each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Topology(#[from] earshot_common::topology::TopologyError),
+    #[error("edge {0:?} is not in the topology: add an [[edge]] entry or fix `name`")]
+    UnknownEdge(String),
+    #[error(transparent)]
+    Tls(#[from] earshot_common::tls::TlsError),
+    #[error(transparent)]
+    Vad(#[from] vad::VadError),
+    #[error("cannot open the QUIC uplink socket on {addr}: {source}")]
+    Uplink {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every session of one edge.
+pub struct EdgeInner {
+    pub name: String,
+    pub jurisdiction: String,
+    /// Regions this edge's sessions may use, in order.
+    pub regions: Vec<String>,
+    pub config: EdgeConfig,
+    pub vad: Silero,
+    pub uplink: Arc<Uplink>,
+    pub metrics: Arc<Metrics>,
+    pub sessions: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// A ready-to-serve edge.
+#[derive(Clone)]
+pub struct Edge {
+    inner: Arc<EdgeInner>,
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}
+
+impl Edge {
+    /// Loads the topology, TLS material and VAD model named by `config`.
+    /// `shutdown` stops the edge: sessions drain and close with 1001.
+    pub fn build(config: EdgeConfig, shutdown: CancellationToken) -> Result<Self, StartError> {
+        config.validate()?;
+        let topology = Topology::load(&config.topology)?;
+        let edge = topology
+            .edge(&config.name)
+            .ok_or_else(|| StartError::UnknownEdge(config.name.clone()))?
+            .clone();
+        let permitted = topology.permitted_regions(&edge.name)?;
+        let client = earshot_common::tls::client_config(&config.tls)?;
+        let metrics = Arc::new(Metrics::new());
+        let uplink = Uplink::new(
+            config.uplink_bind,
+            client,
+            &permitted,
+            Duration::from_millis(config.limits.connect_timeout_ms),
+            Duration::from_millis(config.limits.attempt_timeout_ms),
+            metrics.clone(),
+        )
+        .map_err(|source| StartError::Uplink {
+            addr: config.uplink_bind,
+            source,
+        })?;
+        let vad = Silero::load(
+            &config.vad.onnxruntime,
+            &config.vad.model,
+            config.vad.sessions,
+        )?;
+        Ok(Edge {
+            inner: Arc::new(EdgeInner {
+                name: edge.name.clone(),
+                jurisdiction: edge.jurisdiction.clone(),
+                regions: permitted.iter().map(|r| r.name.clone()).collect(),
+                sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
+                config,
+                vad,
+                uplink: Arc::new(uplink),
+                metrics,
+                shutdown,
+                tracker: TaskTracker::new(),
+            }),
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The HTTP routes, for tests that want them without a listener.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/listen", get(listen))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(ready))
+            .route("/metrics", get(metrics_text))
+            .with_state(self.inner.clone())
+    }
+
+    /// Serves until the shutdown token fires, then waits (bounded by the
+    /// drain timeout) for sessions to deliver their pending finals.
+    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
+        let inner = self.inner.clone();
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, edge = %inner.name, regions = ?inner.regions, "edge listening");
+        let shutdown = inner.shutdown.clone();
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await?;
+        inner.tracker.close();
+        let drain = Duration::from_millis(inner.config.limits.drain_timeout_ms + 3_000);
+        if tokio::time::timeout(drain, inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("sessions did not finish within the drain timeout");
+        }
+        inner.uplink.close().await;
+        tracing::info!("edge stopped");
+        Ok(())
+    }
+}
+
+async fn listen(
+    ws: WebSocketUpgrade,
+    Query(query): Query<Vec<(String, String)>>,
+    State(edge): State<Arc<EdgeInner>>,
+) -> Response {
+    let limit = edge.config.limits.max_frame_bytes;
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| {
+            let tracker = edge.tracker.clone();
+            tracker.track_future(session::run(socket, query, edge))
+        })
+}
+
+async fn ready(State(edge): State<Arc<EdgeInner>>) -> Response {
+    if edge.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn metrics_text(State(edge): State<Arc<EdgeInner>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        edge.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,118 @@
+//! The edge's Prometheus metrics. Every name here is listed in
+//! `docs/metrics.md`; a test checks that the two agree.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionOutcome {
+    pub region: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegionLabel {
+    pub region: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 5 ms .. ~42 s
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub sessions_active: Gauge,
+    pub sessions: Counter,
+    pub client_errors: Family<CodeLabel, Counter>,
+    pub audio_received_seconds: Counter<f64, AtomicU64>,
+    pub utterances: Family<RegionOutcome, Counter>,
+    pub utterances_abandoned: Counter,
+    pub uplink_attempts: Family<RegionOutcome, Counter>,
+    pub utterance_latency: Family<RegionLabel, Histogram, fn() -> Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("earshot_edge");
+        let m = Metrics {
+            sessions_active: Gauge::default(),
+            sessions: Counter::default(),
+            client_errors: Family::default(),
+            audio_received_seconds: Counter::default(),
+            utterances: Family::default(),
+            utterances_abandoned: Counter::default(),
+            uplink_attempts: Family::default(),
+            utterance_latency: Family::new_with_constructor(latency_histogram),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sessions_active",
+            "Client sessions open now",
+            m.sessions_active.clone(),
+        );
+        registry.register("sessions", "Client sessions accepted", m.sessions.clone());
+        registry.register(
+            "client_errors",
+            "Error messages sent to clients, by code",
+            m.client_errors.clone(),
+        );
+        registry.register(
+            "audio_received_seconds",
+            "Seconds of client audio received",
+            m.audio_received_seconds.clone(),
+        );
+        registry.register(
+            "utterances",
+            "Utterances cut by the VAD, by serving region and outcome (final, error)",
+            m.utterances.clone(),
+        );
+        registry.register(
+            "utterances_abandoned",
+            "Utterances whose client left before their final was delivered",
+            m.utterances_abandoned.clone(),
+        );
+        registry.register(
+            "uplink_attempts",
+            "Attempts to have a region transcribe an utterance, by region and outcome (ok, refused, retryable, transport, timeout, corrupted)",
+            m.uplink_attempts.clone(),
+        );
+        registry.register(
+            "utterance_latency_seconds",
+            "Time from the end of an utterance (VAD cut) to its final arriving at the edge",
+            m.utterance_latency.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

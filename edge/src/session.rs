@@ -1,0 +1,661 @@
+//! One client WebSocket session on `/v1/listen`.
+//!
+//! Audio arrives on binary frames, runs through Silero in 32 ms windows, and
+//! the endpointer cuts it into utterances. Each utterance is sent to a
+//! region by its own task; finals go back to the client in utterance order.
+//! Reading from the client pauses while `max_pending_utterances` are in
+//! flight, so a fast client cannot queue unbounded work. The session keeps
+//! only the audio a current or future utterance can still need.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use bytes::Bytes;
+use earshot_common::audio::{Encoding, f32le_to_s16le, s16le_to_f32};
+use earshot_common::client::{
+    ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, ServerMessage, SessionInfo, hex,
+    parse_client_message,
+};
+use earshot_common::wire::{self, Header};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::EdgeInner;
+use crate::endpoint::{Endpointer, Segment};
+use crate::metrics::{CodeLabel, RegionLabel, RegionOutcome};
+use crate::uplink::{Answer, UplinkError};
+use crate::vad::{VadStream, WINDOW};
+
+/// WebSocket close codes used by the edge.
+mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const TRY_AGAIN: u16 = 1013;
+}
+
+/// Validated `/v1/listen` query parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenParams {
+    pub sample_rate: u32,
+    pub encoding: Encoding,
+    pub language: Option<String>,
+}
+
+/// A refusal before the session starts: code, message, close code.
+type Refusal = (ClientErrorCode, String, u16);
+
+const KNOWN_PARAMS: &str = "sample_rate, encoding, language";
+
+/// Parses the query. Every parameter is optional: the defaults are
+/// `sample_rate=16000`, `encoding=pcm_s16le` and no language hint.
+pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal> {
+    let mut params = ListenParams {
+        sample_rate: wire::SAMPLE_RATE,
+        encoding: Encoding::PcmS16le,
+        language: None,
+    };
+    for (key, value) in query {
+        match key.as_str() {
+            "sample_rate" => {
+                let rate: u32 = value.parse().map_err(|_| {
+                    (
+                        ClientErrorCode::InvalidQuery,
+                        format!("sample_rate {value:?} is not a number"),
+                        close::POLICY,
+                    )
+                })?;
+                if rate != wire::SAMPLE_RATE {
+                    return Err((
+                        ClientErrorCode::UnsupportedSampleRate,
+                        format!("sample rate {rate} is not supported: send 16000 Hz mono audio"),
+                        close::UNSUPPORTED,
+                    ));
+                }
+                params.sample_rate = rate;
+            }
+            "encoding" => {
+                params.encoding = Encoding::parse(value).ok_or_else(|| {
+                    (
+                        ClientErrorCode::UnsupportedEncoding,
+                        format!(
+                            "encoding {:?} is not supported: use one of {}",
+                            truncate(value),
+                            Encoding::SUPPORTED
+                        ),
+                        close::UNSUPPORTED,
+                    )
+                })?;
+            }
+            "language" => {
+                let ok =
+                    (2..=3).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_lowercase());
+                if !ok {
+                    return Err((
+                        ClientErrorCode::InvalidQuery,
+                        format!(
+                            "language {:?} must be an ISO 639-1 code such as \"en\"",
+                            truncate(value)
+                        ),
+                        close::POLICY,
+                    ));
+                }
+                params.language = Some(value.clone());
+            }
+            other => {
+                return Err((
+                    ClientErrorCode::InvalidQuery,
+                    format!(
+                        "unknown query parameter {:?}: known are {KNOWN_PARAMS}",
+                        truncate(other)
+                    ),
+                    close::POLICY,
+                ));
+            }
+        }
+    }
+    Ok(params)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(32).collect()
+}
+
+/// What an utterance task returns.
+struct Outcome {
+    number: u32,
+    segment: Segment,
+    cut_at: Instant,
+    result: Result<Answer, UplinkError>,
+}
+
+struct Session {
+    edge: Arc<EdgeInner>,
+    id: uuid::Uuid,
+    params: ListenParams,
+    vad: VadStream,
+    endpointer: Endpointer,
+    /// Samples not yet fed to the VAD (less than one window).
+    pending: Vec<f32>,
+    /// Samples fed to the VAD so far: the session's audio clock.
+    processed: u64,
+    /// Retained s16le audio, starting at sample `audio_base`.
+    audio: Vec<u8>,
+    audio_base: u64,
+    next_utterance: u32,
+    inflight: FuturesOrdered<JoinHandle<Outcome>>,
+}
+
+/// Runs one session to completion.
+pub async fn run(mut socket: WebSocket, query: Vec<(String, String)>, edge: Arc<EdgeInner>) {
+    let Ok(_permit) = edge.sessions.clone().try_acquire_owned() else {
+        let msg = format!(
+            "this edge is at its limit of {} sessions: retry shortly",
+            edge.config.limits.max_sessions
+        );
+        refuse(
+            &mut socket,
+            &edge,
+            (ClientErrorCode::ServerBusy, msg, close::TRY_AGAIN),
+        )
+        .await;
+        return;
+    };
+    let params = match parse_params(&query) {
+        Ok(p) => p,
+        Err(refusal) => {
+            refuse(&mut socket, &edge, refusal).await;
+            return;
+        }
+    };
+    let id = uuid::Uuid::new_v4();
+    let span = tracing::info_span!("session", session = %id, edge = %edge.name);
+    let mut session = Session {
+        endpointer: Endpointer::new(edge.config.endpoint()),
+        edge: edge.clone(),
+        id,
+        params,
+        vad: VadStream::default(),
+        pending: Vec::with_capacity(WINDOW * 4),
+        processed: 0,
+        audio: Vec::new(),
+        audio_base: 0,
+        next_utterance: 1,
+        inflight: FuturesOrdered::new(),
+    };
+    edge.metrics.sessions.inc();
+    edge.metrics.sessions_active.inc();
+    session.serve(socket).instrument(span).await;
+    edge.metrics.sessions_active.dec();
+}
+
+async fn refuse(socket: &mut WebSocket, edge: &EdgeInner, (code, message, close_code): Refusal) {
+    edge.metrics
+        .client_errors
+        .get_or_create(&CodeLabel {
+            code: code.as_str(),
+        })
+        .inc();
+    tracing::info!(code = code.as_str(), "session refused");
+    let msg = ServerMessage::Error(ErrorMessage::new(code, message, true));
+    let _ = socket.send(Message::Text(msg.to_json().into())).await;
+    close_socket(socket, close_code, code.as_str()).await;
+}
+
+/// Sends a close frame and reads until the peer's close (bounded), so the
+/// client sees a clean close with our code rather than 1006.
+async fn close_socket(socket: &mut WebSocket, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = socket.recv().await {}
+    })
+    .await;
+}
+
+/// How the main loop ended.
+enum End {
+    /// Close with this code and reason after the pending finals.
+    Close(u16, &'static str),
+    /// The client is gone; nothing more can be sent.
+    Gone,
+}
+
+impl Session {
+    async fn serve(&mut self, mut socket: WebSocket) {
+        let edge = self.edge.clone();
+        let info = ServerMessage::Session(SessionInfo {
+            session: self.id.to_string(),
+            edge: edge.name.clone(),
+            jurisdiction: edge.jurisdiction.clone(),
+            regions: edge.regions.clone(),
+            sample_rate: self.params.sample_rate,
+            encoding: self.params.encoding.as_str().to_owned(),
+            language: self.params.language.clone(),
+        });
+        if socket
+            .send(Message::Text(info.to_json().into()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tracing::info!(encoding = self.params.encoding.as_str(), "session started");
+
+        let idle = Duration::from_millis(edge.config.limits.idle_timeout_ms);
+        let max_pending = edge.config.limits.max_pending_utterances;
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::pin!(idle_timer);
+
+        let end = loop {
+            let can_read = self.inflight.len() < max_pending;
+            tokio::select! {
+                biased;
+                Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    if self.deliver(&mut socket, done).await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                _ = edge.shutdown.cancelled() => {
+                    break End::Close(close::GOING_AWAY, "edge shutting down");
+                }
+                _ = &mut idle_timer => {
+                    let msg = format!("no frame for {} ms: the session is closed", idle.as_millis());
+                    if self.send_error(&mut socket, ClientErrorCode::IdleTimeout, msg, true).await.is_err() {
+                        break End::Gone;
+                    }
+                    break End::Close(close::NORMAL, "idle timeout");
+                }
+                msg = socket.recv(), if can_read => {
+                    idle_timer.as_mut().reset(Instant::now() + idle);
+                    match msg {
+                        None | Some(Ok(Message::Close(_))) => break End::Gone,
+                        Some(Ok(Message::Binary(data))) => {
+                            if let Err(e) = self.on_audio(&mut socket, data).await {
+                                break e;
+                            }
+                        }
+                        Some(Ok(Message::Text(text))) => match parse_client_message(&text) {
+                            Ok(ClientMessage::Finalize) => self.finalize(),
+                            Ok(ClientMessage::Close) => break End::Close(close::NORMAL, "session closed"),
+                            Err(err) => {
+                                if self.send(&mut socket, ServerMessage::Error(err)).await.is_err() {
+                                    break End::Gone;
+                                }
+                            }
+                        },
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Err(e)) => {
+                            let (code, close_code, msg) = if is_too_large(&e) {
+                                (ClientErrorCode::FrameTooLarge, close::TOO_BIG, format!(
+                                    "frame exceeds {} bytes: send audio in smaller chunks (e.g. 100 ms)",
+                                    edge.config.limits.max_frame_bytes
+                                ))
+                            } else {
+                                (ClientErrorCode::ProtocolError, close::PROTOCOL, format!("websocket error: {e}"))
+                            };
+                            tracing::info!(code = code.as_str(), "client protocol error");
+                            let _ = self.send_error(&mut socket, code, msg, true).await;
+                            break End::Close(close_code, code.as_str());
+                        }
+                    }
+                }
+            }
+        };
+
+        match end {
+            End::Gone => {
+                let abandoned = self.inflight.len() as u64;
+                if abandoned > 0 {
+                    edge.metrics.utterances_abandoned.inc_by(abandoned);
+                    tracing::info!(abandoned, "client left with utterances pending");
+                }
+                // Dropping the handles leaves the tasks running to completion
+                // (the region still answers); their results have no reader.
+            }
+            End::Close(code, reason) => {
+                // Nothing accepted is lost: cut what is left, deliver every
+                // pending final, then close.
+                self.finalize();
+                let drain = Duration::from_millis(edge.config.limits.drain_timeout_ms);
+                let deadline = Instant::now() + drain;
+                while let Some(done) = tokio::select! {
+                    d = self.inflight.next() => d,
+                    _ = tokio::time::sleep_until(deadline) => None,
+                } {
+                    if self.deliver(&mut socket, done).await.is_err() {
+                        return;
+                    }
+                }
+                let undelivered = self.inflight.len();
+                if undelivered > 0 {
+                    let msg = format!(
+                        "{undelivered} utterances did not finish within the {} ms drain",
+                        drain.as_millis()
+                    );
+                    let _ = self
+                        .send_error(&mut socket, ClientErrorCode::ShuttingDown, msg, true)
+                        .await;
+                }
+                close_socket(&mut socket, code, reason).await;
+                tracing::info!(reason, "session closed");
+            }
+        }
+    }
+
+    async fn on_audio(&mut self, socket: &mut WebSocket, data: Bytes) -> Result<(), End> {
+        let bps = self.params.encoding.bytes_per_sample();
+        if data.len() % bps != 0 {
+            let msg = format!(
+                "binary frame of {} bytes is not a whole number of {}-byte {} samples: the frame was dropped",
+                data.len(),
+                bps,
+                self.params.encoding.as_str()
+            );
+            return self
+                .send_error(socket, ClientErrorCode::InvalidAudioFrame, msg, false)
+                .await
+                .map_err(|_| End::Gone);
+        }
+        let s16: Vec<u8> = match self.params.encoding {
+            Encoding::PcmS16le => data.to_vec(),
+            Encoding::PcmF32le => f32le_to_s16le(&data),
+        };
+        let samples = s16le_to_f32(&s16);
+        self.edge
+            .metrics
+            .audio_received_seconds
+            .inc_by(samples.len() as f64 / f64::from(wire::SAMPLE_RATE));
+        self.audio.extend_from_slice(&s16);
+        self.pending.extend_from_slice(&samples);
+
+        let mut offset = 0;
+        while self.pending.len() - offset >= WINDOW {
+            let window = &self.pending[offset..offset + WINDOW];
+            let prob = match self.edge.vad.probability(&mut self.vad, window) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "VAD failed");
+                    let _ = self
+                        .send_error(
+                            socket,
+                            ClientErrorCode::ProtocolError,
+                            "voice detection failed on this edge".into(),
+                            true,
+                        )
+                        .await;
+                    return Err(End::Close(close::INTERNAL, "vad failure"));
+                }
+            };
+            offset += WINDOW;
+            let start = self.processed;
+            self.processed += WINDOW as u64;
+            if let Some(segment) = self.endpointer.push(prob, start, self.processed) {
+                self.dispatch(segment);
+            }
+        }
+        self.pending.drain(..offset);
+        self.trim();
+        Ok(())
+    }
+
+    fn finalize(&mut self) {
+        if let Some(segment) = self.endpointer.finalize(self.processed) {
+            self.dispatch(segment);
+        }
+        self.trim();
+    }
+
+    /// Drops audio no utterance can need any more.
+    fn trim(&mut self) {
+        let keep_from = self.endpointer.retain_from(self.processed);
+        let drop_samples = keep_from.saturating_sub(self.audio_base);
+        let drop_bytes = (drop_samples as usize * 2).min(self.audio.len());
+        self.audio.drain(..drop_bytes);
+        self.audio_base += (drop_bytes / 2) as u64;
+    }
+
+    /// Cuts `segment` out of the retained audio and sends it to a region.
+    fn dispatch(&mut self, segment: Segment) {
+        let from = (segment.start.saturating_sub(self.audio_base) as usize) * 2;
+        let to = (segment.end.saturating_sub(self.audio_base) as usize) * 2;
+        let Some(pcm) = self.audio.get(from..to.min(self.audio.len())) else {
+            tracing::error!(
+                ?segment,
+                base = self.audio_base,
+                "segment outside retained audio; dropped"
+            );
+            return;
+        };
+        if segment.start < self.audio_base {
+            tracing::error!(
+                ?segment,
+                base = self.audio_base,
+                "segment starts before retained audio"
+            );
+        }
+        let audio = Bytes::copy_from_slice(pcm);
+        let audio_sha256: [u8; 32] = Sha256::digest(&audio).into();
+        let number = self.next_utterance;
+        self.next_utterance += 1;
+        let header = Header {
+            session: *self.id.as_bytes(),
+            utterance: number,
+            jurisdiction: self.edge.jurisdiction.clone(),
+            edge: self.edge.name.clone(),
+            language: self.params.language.clone().unwrap_or_default(),
+            sample_rate: wire::SAMPLE_RATE,
+        };
+        let uplink = self.edge.uplink.clone();
+        let cut_at = Instant::now();
+        tracing::debug!(
+            utterance = number,
+            start = segment.start,
+            end = segment.end,
+            forced = segment.forced,
+            "utterance cut"
+        );
+        let span = tracing::info_span!("utterance", utterance = number);
+        let task = tokio::spawn(
+            async move {
+                let result = uplink.transcribe(&header, &audio, audio_sha256).await;
+                Outcome {
+                    number,
+                    segment,
+                    cut_at,
+                    result,
+                }
+            }
+            .instrument(span),
+        );
+        self.inflight.push_back(task);
+    }
+
+    async fn deliver(
+        &mut self,
+        socket: &mut WebSocket,
+        done: Result<Outcome, tokio::task::JoinError>,
+    ) -> Result<(), axum::Error> {
+        let metrics = &self.edge.metrics;
+        let outcome = match done {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "utterance task failed");
+                let msg = ErrorMessage::new(
+                    ClientErrorCode::UtteranceFailed,
+                    "internal error on the edge",
+                    false,
+                );
+                return self.send(socket, ServerMessage::Error(msg)).await;
+            }
+        };
+        let seconds = |s: u64| s as f64 / f64::from(wire::SAMPLE_RATE);
+        match outcome.result {
+            Ok(answer) => {
+                metrics
+                    .utterances
+                    .get_or_create(&RegionOutcome {
+                        region: answer.region.clone(),
+                        outcome: "final",
+                    })
+                    .inc();
+                metrics
+                    .utterance_latency
+                    .get_or_create(&RegionLabel {
+                        region: answer.region.clone(),
+                    })
+                    .observe(outcome.cut_at.elapsed().as_secs_f64());
+                tracing::info!(
+                    utterance = outcome.number,
+                    region = %answer.region,
+                    inference_ms = answer.fin.inference_ms,
+                    text = %earshot_common::telemetry::content(&answer.fin.text),
+                    "final"
+                );
+                let msg = ServerMessage::Final(FinalMessage {
+                    utterance: outcome.number,
+                    text: answer.fin.text,
+                    region: answer.region,
+                    model: answer.fin.model,
+                    start: seconds(outcome.segment.start),
+                    end: seconds(outcome.segment.end),
+                    audio_sha256: hex(&answer.fin.audio_sha256),
+                });
+                self.send(socket, msg).await
+            }
+            Err(e) => {
+                metrics
+                    .utterances
+                    .get_or_create(&RegionOutcome {
+                        region: match &e {
+                            UplinkError::Refused { region, .. } => region.clone(),
+                            _ => "none".into(),
+                        },
+                        outcome: "error",
+                    })
+                    .inc();
+                let code = match e {
+                    UplinkError::Refused { .. } => ClientErrorCode::UtteranceFailed,
+                    _ => ClientErrorCode::NoRegionAvailable,
+                };
+                tracing::warn!(utterance = outcome.number, error = %e, "utterance failed");
+                let mut msg = ErrorMessage::new(code, e.to_string(), false);
+                msg.utterance = Some(outcome.number);
+                metrics
+                    .client_errors
+                    .get_or_create(&CodeLabel {
+                        code: code.as_str(),
+                    })
+                    .inc();
+                self.send(socket, ServerMessage::Error(msg)).await
+            }
+        }
+    }
+
+    async fn send_error(
+        &self,
+        socket: &mut WebSocket,
+        code: ClientErrorCode,
+        message: String,
+        fatal: bool,
+    ) -> Result<(), axum::Error> {
+        self.edge
+            .metrics
+            .client_errors
+            .get_or_create(&CodeLabel {
+                code: code.as_str(),
+            })
+            .inc();
+        self.send(
+            socket,
+            ServerMessage::Error(ErrorMessage::new(code, message, fatal)),
+        )
+        .await
+    }
+
+    async fn send(&self, socket: &mut WebSocket, msg: ServerMessage) -> Result<(), axum::Error> {
+        socket.send(Message::Text(msg.to_json().into())).await
+    }
+}
+
+/// Whether a receive error is the message-size limit.
+fn is_too_large(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(s) = source {
+        if let Some(t) = s.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            return matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_));
+        }
+        source = s.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_apply_without_parameters() {
+        assert_eq!(
+            parse_params(&[]).unwrap(),
+            ListenParams {
+                sample_rate: 16_000,
+                encoding: Encoding::PcmS16le,
+                language: None
+            }
+        );
+        let p = parse_params(&q(&[("encoding", "pcm_f32le"), ("language", "de")])).unwrap();
+        assert_eq!(p.encoding, Encoding::PcmF32le);
+        assert_eq!(p.language.as_deref(), Some("de"));
+    }
+
+    #[test]
+    fn bad_parameters_get_stable_codes() {
+        let code = |pairs: &[(&str, &str)]| parse_params(&q(pairs)).unwrap_err().0;
+        assert_eq!(
+            code(&[("sample_rate", "44100")]),
+            ClientErrorCode::UnsupportedSampleRate
+        );
+        assert_eq!(
+            code(&[("sample_rate", "fast")]),
+            ClientErrorCode::InvalidQuery
+        );
+        assert_eq!(
+            code(&[("encoding", "opus")]),
+            ClientErrorCode::UnsupportedEncoding
+        );
+        assert_eq!(
+            code(&[("language", "English")]),
+            ClientErrorCode::InvalidQuery
+        );
+        assert_eq!(code(&[("langauge", "en")]), ClientErrorCode::InvalidQuery);
+        let (_, msg, close_code) = parse_params(&q(&[("langauge", "en")])).unwrap_err();
+        assert!(
+            msg.contains("langauge") && msg.contains("language"),
+            "{msg}"
+        );
+        assert_eq!(close_code, close::POLICY);
+    }
+}

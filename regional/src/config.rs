@@ -1,0 +1,184 @@
+//! `earshot-regional` configuration: one TOML file, checked before any port
+//! is bound. Relative paths are resolved against the file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use earshot_asr::EncoderWindow;
+use earshot_common::tls::TlsPaths;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionalConfig {
+    /// This region's name in the topology.
+    pub region: String,
+    /// Path of the topology file.
+    pub topology: PathBuf,
+    /// UDP address of the QUIC ingress. Defaults to the region's `quic`
+    /// endpoint in the topology when that is an IP address.
+    pub quic_listen: Option<SocketAddr>,
+    /// Address of the HTTP listener for `/healthz`, `/readyz`, `/metrics`.
+    #[serde(default = "default_http")]
+    pub http_listen: SocketAddr,
+    /// The region's server certificate and the CA edges must chain to.
+    pub tls: TlsPaths,
+    pub redis: RedisConfig,
+    pub worker: WorkerConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Log transcript text (never set in production).
+    #[serde(default)]
+    pub debug_content: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// e.g. `redis://127.0.0.1:6379/0`
+    pub url: String,
+    /// Approximate cap on the utterance stream's length (`XADD MAXLEN ~`).
+    #[serde(default = "d_stream_max_len")]
+    pub stream_max_len: usize,
+    /// Per-command timeout for the ingress's Redis calls.
+    #[serde(default = "d_redis_timeout")]
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Whisper model directory (`config.json`, `model.safetensors`,
+    /// `tokenizer.json`). Set `count = 0` to run an ingress-only node.
+    pub model: PathBuf,
+    /// Model id reported in finals; defaults to the directory name.
+    pub model_id: Option<String>,
+    /// ASR workers in this process (each loads the model once).
+    #[serde(default = "d_workers")]
+    pub count: usize,
+    #[serde(default)]
+    pub encoder_window: EncoderWindow,
+    /// A pending job idle this long is taken over from its (crashed)
+    /// consumer with XAUTOCLAIM.
+    #[serde(default = "d_claim_idle")]
+    pub claim_idle_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Concurrent QUIC connections (edges).
+    pub max_connections: usize,
+    /// Concurrent utterance streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Utterances in flight in this ingress; more are answered `overloaded`.
+    pub max_inflight: usize,
+    /// Longest utterance accepted, in seconds of 16 kHz audio.
+    pub max_audio_seconds: u32,
+    /// Time an accepted utterance may wait for its result.
+    pub result_timeout_ms: u64,
+    /// On shutdown, time in-flight utterances get to finish.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_streams_per_connection: 1024,
+            max_inflight: 4096,
+            max_audio_seconds: 30,
+            result_timeout_ms: 60_000,
+            drain_timeout_ms: 15_000,
+        }
+    }
+}
+
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+fn d_stream_max_len() -> usize {
+    100_000
+}
+fn d_redis_timeout() -> u64 {
+    2_000
+}
+fn d_workers() -> usize {
+    1
+}
+fn d_claim_idle() -> u64 {
+    30_000
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("config {path} is invalid: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl RegionalConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let mut config: RegionalConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in [
+            &mut self.topology,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+            &mut self.tls.ca,
+            &mut self.worker.model,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
+            return bad("redis.url must start with redis:// or rediss://");
+        }
+        let l = &self.limits;
+        if l.max_audio_seconds == 0 || l.max_audio_seconds > 30 {
+            return bad("limits.max_audio_seconds must be between 1 and 30 (Whisper's window)");
+        }
+        if l.max_connections == 0 || l.max_inflight == 0 || l.max_streams_per_connection == 0 {
+            return bad("limits.max_connections, max_inflight and max_streams_per_connection must be positive");
+        }
+        if self.worker.claim_idle_ms < 1_000 {
+            return bad("worker.claim_idle_ms must be at least 1000");
+        }
+        Ok(())
+    }
+
+    /// The model id reported in finals.
+    pub fn model_id(&self) -> String {
+        self.worker.model_id.clone().unwrap_or_else(|| {
+            self.worker
+                .model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "whisper".into())
+        })
+    }
+
+    pub fn max_audio_bytes(&self) -> usize {
+        self.limits.max_audio_seconds as usize * earshot_common::wire::SAMPLE_RATE as usize * 2
+    }
+}

@@ -1,0 +1,120 @@
+//! The regional node's Prometheus metrics. Every name here is listed in
+//! `docs/metrics.md`; a test checks that the two agree.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JurisdictionLabel {
+    pub jurisdiction: String,
+    pub layer: &'static str,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_active: Gauge,
+    pub inflight: Gauge,
+    pub utterances: Family<OutcomeLabel, Counter>,
+    pub residency_refusals: Family<JurisdictionLabel, Counter>,
+    pub jobs: Family<OutcomeLabel, Counter>,
+    pub jobs_claimed: Counter,
+    pub queue_wait: Histogram,
+    pub inference: Histogram,
+    pub result_wait: Histogram,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("earshot_regional");
+        let m = Metrics {
+            connections_active: Gauge::default(),
+            inflight: Gauge::default(),
+            utterances: Family::default(),
+            residency_refusals: Family::default(),
+            jobs: Family::default(),
+            jobs_claimed: Counter::default(),
+            queue_wait: seconds_histogram(),
+            inference: seconds_histogram(),
+            result_wait: seconds_histogram(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_active",
+            "QUIC connections from edges open now",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "inflight",
+            "Utterances accepted by this ingress and not yet answered",
+            m.inflight.clone(),
+        );
+        registry.register(
+            "utterances",
+            "Utterance streams handled by the ingress, by outcome (final, refused, invalid, queue_unavailable, timeout, overloaded, shutting_down, error)",
+            m.utterances.clone(),
+        );
+        registry.register(
+            "residency_refusals",
+            "Utterances refused because their jurisdiction may not be processed in this region, by jurisdiction and layer (ingress, worker)",
+            m.residency_refusals.clone(),
+        );
+        registry.register(
+            "jobs",
+            "Queue entries processed by workers, by outcome (final, refused, failed, malformed)",
+            m.jobs.clone(),
+        );
+        registry.register(
+            "jobs_claimed",
+            "Queue entries taken over from idle consumers with XAUTOCLAIM",
+            m.jobs_claimed.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time from XADD to a worker reading the entry",
+            m.queue_wait.clone(),
+        );
+        registry.register(
+            "inference_seconds",
+            "Time the ASR model took per utterance",
+            m.inference.clone(),
+        );
+        registry.register(
+            "result_wait_seconds",
+            "Time from XADD to the result reaching the ingress",
+            m.result_wait.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
