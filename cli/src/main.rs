@@ -1,1 +1,167 @@
-fn main() {}
+//! `earshot`: the operator CLI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use earshot_asr::{TestModelSpec, generate_test_model};
+use earshot_cli::{certs, client, demo, speech};
+use earshot_common::topology::Topology;
+
+#[derive(Parser)]
+#[command(version, about = "earshot operator CLI")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a whole deployment on loopback and stream a spoken file through it.
+    Demo {
+        /// Where the demo keeps its files (models, certificates, logs).
+        #[arg(long, default_value = ".cache/demo")]
+        workdir: PathBuf,
+    },
+    /// Stream a 16 kHz mono WAV file to an edge and print what comes back.
+    Listen {
+        /// The WAV file.
+        file: PathBuf,
+        /// The edge's listen URL.
+        #[arg(long, default_value = "ws://127.0.0.1:8080/v1/listen")]
+        url: String,
+        /// Milliseconds of audio per WebSocket frame.
+        #[arg(long, default_value_t = 100)]
+        chunk_ms: u64,
+        /// Send in real time instead of as fast as possible.
+        #[arg(long)]
+        realtime: bool,
+    },
+    /// Generate development TLS certificates for every node of a topology.
+    Certs {
+        #[arg(long)]
+        topology: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Model utilities.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCmd,
+    },
+    /// Speak sentences with espeak-ng into a 16 kHz WAV, with silence between them.
+    Speech {
+        #[arg(long)]
+        out: PathBuf,
+        /// Seconds of silence between sentences.
+        #[arg(long, default_value_t = 1.5)]
+        gap: f64,
+        #[arg(required = true)]
+        sentences: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// Write a Whisper model with seeded random weights in the published
+    /// layout (config.json, model.safetensors, tokenizer.json).
+    GenerateWhisper {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = Preset::Test)]
+        preset: Preset,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Preset {
+    /// Tiny dimensions: fast enough for tests.
+    Test,
+    /// whisper-tiny's dimensions: for benchmarks.
+    Tiny,
+}
+
+fn main() -> ExitCode {
+    earshot_common::telemetry::init(false);
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("earshot: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("earshot: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Cmd) -> anyhow::Result<()> {
+    match command {
+        Cmd::Demo { workdir } => demo::run(&workdir).await,
+        Cmd::Listen {
+            file,
+            url,
+            chunk_ms,
+            realtime,
+        } => {
+            let samples = speech::read_wav(&file)?;
+            let pcm: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let options = client::StreamOptions {
+                chunk_bytes: (chunk_ms as usize * 32).max(2),
+                pace: realtime.then(|| Duration::from_millis(chunk_ms)),
+            };
+            let transcript =
+                client::stream(&url, &pcm, options, |m| println!("{}", m.to_json())).await?;
+            if let Some((code, reason)) = transcript.close {
+                eprintln!("closed: {code} {reason}");
+            }
+            Ok(())
+        }
+        Cmd::Certs { topology, out } => {
+            let topology = Topology::load(&topology)?;
+            certs::generate(&topology, &out)?;
+            println!(
+                "wrote CA, region and edge certificates to {}",
+                out.display()
+            );
+            Ok(())
+        }
+        Cmd::Models {
+            command: ModelsCmd::GenerateWhisper { out, preset, seed },
+        } => {
+            let mut spec = match preset {
+                Preset::Test => TestModelSpec::TEST,
+                Preset::Tiny => TestModelSpec::TINY,
+            };
+            if let Some(seed) = seed {
+                spec.seed = seed;
+            }
+            generate_test_model(&out, &spec).context("generating the model")?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Cmd::Speech {
+            out,
+            gap,
+            sentences,
+        } => {
+            let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
+            let work = tempfile::tempdir()?;
+            let spoken = speech::synthesize(&refs, gap, 0.5, work.path())?;
+            spoken.write_wav(&out)?;
+            for (i, (start, end)) in spoken.spans.iter().enumerate() {
+                println!("sentence {}: {start:.2}-{end:.2} s", i + 1);
+            }
+            Ok(())
+        }
+    }
+}

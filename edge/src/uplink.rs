@@ -9,9 +9,8 @@
 //! (non-retryable error) ends the attempt. The region treats a repeated
 //! `(session, utterance)` as the same request.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -23,11 +22,14 @@ use crate::metrics::{Metrics, RegionOutcome};
 /// Most bytes a region's answer may take before it is treated as broken.
 const MAX_ANSWER: usize = wire::MAX_FRAME_LEN + 4;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Target {
     name: String,
     quic: String,
     tls_name: String,
+    /// The live connection, if any. Held while connecting, so concurrent
+    /// utterances share one connection attempt (and one connection).
+    connection: tokio::sync::Mutex<Option<quinn::Connection>>,
 }
 
 /// A failure of one attempt, as reported to the client.
@@ -66,6 +68,12 @@ pub struct Answer {
     pub fin: Final,
 }
 
+impl Target {
+    async fn forget(&self) {
+        *self.connection.lock().await = None;
+    }
+}
+
 enum AttemptError {
     Transport(String),
     Answered(wire::WireError),
@@ -74,7 +82,6 @@ enum AttemptError {
 pub struct Uplink {
     endpoint: quinn::Endpoint,
     targets: Vec<Target>,
-    connections: Mutex<HashMap<String, quinn::Connection>>,
     connect_timeout: Duration,
     attempt_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -109,9 +116,9 @@ impl Uplink {
                     name: r.name.clone(),
                     quic: r.quic.clone(),
                     tls_name: r.tls_name.clone(),
+                    connection: tokio::sync::Mutex::new(None),
                 })
                 .collect(),
-            connections: Mutex::new(HashMap::new()),
             connect_timeout,
             attempt_timeout,
             metrics,
@@ -156,7 +163,7 @@ impl Uplink {
                     ("retryable", format!("{}: {}", e.code, e.message))
                 }
                 Ok(Err(AttemptError::Transport(e))) => {
-                    self.forget(&target.name);
+                    target.forget().await;
                     ("transport", e)
                 }
                 Err(_) => (
@@ -224,8 +231,9 @@ impl Uplink {
     }
 
     async fn connection(&self, target: &Target) -> Result<quinn::Connection, AttemptError> {
-        if let Some(c) = self.cached(&target.name) {
-            return Ok(c);
+        let mut slot = target.connection.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
         }
         let transport =
             |e: String| AttemptError::Transport(format!("connect to {}: {e}", target.quic));
@@ -243,23 +251,8 @@ impl Uplink {
             .map_err(|_| transport(format!("timed out after {:?}", self.connect_timeout)))?
             .map_err(|e| transport(e.to_string()))?;
         tracing::info!(region = %target.name, %addr, "connected to region");
-        if let Ok(mut map) = self.connections.lock() {
-            map.insert(target.name.clone(), connection.clone());
-        }
+        *slot = Some(connection.clone());
         Ok(connection)
-    }
-
-    fn cached(&self, region: &str) -> Option<quinn::Connection> {
-        let map = self.connections.lock().ok()?;
-        map.get(region)
-            .filter(|c| c.close_reason().is_none())
-            .cloned()
-    }
-
-    fn forget(&self, region: &str) {
-        if let Ok(mut map) = self.connections.lock() {
-            map.remove(region);
-        }
     }
 
     /// Closes every connection and waits (bounded) for the peers to learn.

@@ -159,7 +159,9 @@ impl RegionalConfig {
             return bad("limits.max_audio_seconds must be between 1 and 30 (Whisper's window)");
         }
         if l.max_connections == 0 || l.max_inflight == 0 || l.max_streams_per_connection == 0 {
-            return bad("limits.max_connections, max_inflight and max_streams_per_connection must be positive");
+            return bad(
+                "limits.max_connections, max_inflight and max_streams_per_connection must be positive",
+            );
         }
         if self.worker.claim_idle_ms < 1_000 {
             return bad("worker.claim_idle_ms must be at least 1000");

@@ -1,0 +1,22 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   run a real deployment on loopback and stream speech through it
+#   make test   run the whole test suite
+# Both run scripts/setup.sh first, which installs what is missing.
+
+CARGO ?= cargo
+
+.PHONY: setup demo test lint
+
+setup:
+	./scripts/setup.sh
+
+demo: setup
+	$(CARGO) build --bins
+	./target/debug/earshot demo
+
+test: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) test --workspace --all-targets
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,90 @@
+//! Where the third-party runtime assets live: the ONNX Runtime library and
+//! the Silero VAD model, both installed from their PyPI packages into the
+//! project's virtualenv by `make setup` (`scripts/setup.sh`).
+//!
+//! `EARSHOT_ONNXRUNTIME` and `EARSHOT_SILERO_VAD` override the search.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+/// The virtualenv's site-packages directories under `root/.venv`.
+fn site_packages(root: &Path) -> Vec<PathBuf> {
+    let lib = root.join(".venv").join("lib");
+    let Ok(entries) = std::fs::read_dir(&lib) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("site-packages"))
+        .filter(|p| p.is_dir())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The repository root: the nearest ancestor of the current directory (or
+/// of this crate, for tests) that holds `.venv`, else `EARSHOT_ROOT`.
+pub fn project_root() -> PathBuf {
+    if let Ok(root) = std::env::var("EARSHOT_ROOT") {
+        return PathBuf::from(root);
+    }
+    let starts = [
+        std::env::current_dir().ok(),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR"))),
+    ];
+    for start in starts.into_iter().flatten() {
+        if let Some(found) = start.ancestors().find(|p| p.join(".venv").is_dir()) {
+            return found.to_owned();
+        }
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default()
+}
+
+fn find(env: &str, relative: &str, pick: impl Fn(&Path) -> bool) -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var(env) {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            return Ok(path);
+        }
+        bail!("{env}={} does not exist", path.display());
+    }
+    let root = project_root();
+    for site in site_packages(&root) {
+        let dir = site.join(relative);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| pick(p))
+                .collect();
+            found.sort();
+            if let Some(p) = found.pop() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!(
+        "cannot find {relative} in {}/.venv: run `make setup` (or set {env})",
+        root.display()
+    )
+}
+
+/// `libonnxruntime.so.<version>` from the `onnxruntime` wheel.
+pub fn onnxruntime_library() -> anyhow::Result<PathBuf> {
+    find("EARSHOT_ONNXRUNTIME", "onnxruntime/capi", |p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("libonnxruntime.so."))
+    })
+}
+
+/// `silero_vad.onnx` from the `silero-vad` package.
+pub fn silero_model() -> anyhow::Result<PathBuf> {
+    find("EARSHOT_SILERO_VAD", "silero_vad/data", |p| {
+        p.file_name().is_some_and(|n| n == "silero_vad.onnx")
+    })
+}

@@ -1,0 +1,335 @@
+//! The QUIC ingress: accepts utterances from edges (mutual TLS, one
+//! bidirectional stream per utterance), checks them, queues them in Redis,
+//! and answers each stream with the worker's result.
+//!
+//! Every refusal is an explicit error frame with a stable code, never a
+//! hang: a malformed stream (`invalid_frame`), a jurisdiction this region
+//! may not process (`residency_refused`, counted), audio that does not match
+//! its hash (`audio_corrupted`), Redis down (`queue_unavailable`), no result
+//! in time (`timeout`), too much in flight (`overloaded`), or draining
+//! (`shutting_down`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use earshot_common::topology::Topology;
+use earshot_common::wire::{self, Assembler, ErrorCode, Frame, Utterance, WireError};
+use redis::aio::ConnectionManager;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::metrics::{JurisdictionLabel, Metrics, OutcomeLabel};
+use crate::queue::{self, Job, ResultRouter};
+
+/// Time an edge has to send a whole utterance on its stream.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Ingress {
+    pub region: String,
+    pub topology: Arc<Topology>,
+    pub metrics: Arc<Metrics>,
+    pub router: Arc<ResultRouter>,
+    pub redis: ConnectionManager,
+    pub stream: String,
+    pub stream_max_len: usize,
+    pub redis_timeout: Duration,
+    pub max_audio_bytes: usize,
+    pub result_timeout: Duration,
+    pub max_inflight: usize,
+    pub inflight: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+}
+
+type Refusal = (ErrorCode, String, &'static str);
+
+impl Ingress {
+    /// Accepts connections until shutdown, then waits (up to `drain`) for
+    /// accepted utterances to be answered and closes the endpoint. During
+    /// the drain, new streams are answered `shutting_down` so edges fail
+    /// over at once.
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        max_connections: usize,
+        drain: Duration,
+    ) {
+        let connections = Arc::new(Semaphore::new(max_connections));
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    match connections.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let ingress = self.clone();
+                            tokio::spawn(async move {
+                                ingress.connection(incoming).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => {
+                            tracing::warn!("connection limit reached; refusing");
+                            incoming.refuse();
+                        }
+                    }
+                }
+                _ = self.shutdown.cancelled() => break,
+            }
+        }
+        let all = u32::try_from(self.max_inflight).unwrap_or(u32::MAX);
+        if tokio::time::timeout(drain, self.inflight.acquire_many(all))
+            .await
+            .is_err()
+        {
+            tracing::warn!("utterances still in flight after the drain timeout");
+        }
+        endpoint.close(0u32.into(), b"region shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        tracing::info!("ingress stopped");
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let connection = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(error = %e, "handshake failed");
+                return;
+            }
+        };
+        let span = tracing::info_span!("connection", peer = %connection.remote_address());
+        self.metrics.connections_active.inc();
+        async {
+            tracing::info!("edge connected");
+            loop {
+                match connection.accept_bi().await {
+                    Ok((send, recv)) => {
+                        let ingress = self.clone();
+                        tokio::spawn(ingress.stream(send, recv).in_current_span());
+                    }
+                    Err(e) => {
+                        tracing::info!(reason = %e, "edge disconnected");
+                        break;
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        self.metrics.connections_active.dec();
+    }
+
+    async fn stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let (frame, outcome) = match tokio::time::timeout(READ_TIMEOUT, self.receive(&mut recv))
+            .await
+        {
+            Ok(Ok(utterance)) => {
+                let span = tracing::info_span!("utterance", utterance = utterance.header.utterance);
+                let n = utterance.header.utterance;
+                match self.handle(utterance).instrument(span).await {
+                    Ok(frame) => (frame, "final"),
+                    Err((code, message, outcome)) => (error_frame(n, code, message), outcome),
+                }
+            }
+            Ok(Err((n, (code, message, outcome)))) => (error_frame(n, code, message), outcome),
+            Err(_) => (
+                error_frame(
+                    0,
+                    ErrorCode::InvalidFrame,
+                    format!("utterance not received within {READ_TIMEOUT:?}"),
+                ),
+                "invalid",
+            ),
+        };
+        self.metrics
+            .utterances
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        let mut out = BytesMut::new();
+        if let Err(e) = frame.encode(&mut out) {
+            tracing::error!(error = %e, "cannot encode answer");
+            return;
+        }
+        if let Err(e) = send.write_all(&out).await {
+            tracing::info!(error = %e, "edge went away before the answer");
+            return;
+        }
+        let _ = send.finish();
+        let _ = recv.stop(0u32.into());
+    }
+
+    /// Reads `Header, Audio*, End` from the stream.
+    async fn receive(&self, recv: &mut quinn::RecvStream) -> Result<Utterance, (u32, Refusal)> {
+        let mut assembler = Assembler::new(self.max_audio_bytes);
+        let mut buf = BytesMut::new();
+        let invalid = |n: u32, m: String| (n, (ErrorCode::InvalidFrame, m, "invalid"));
+        loop {
+            loop {
+                let n = assembler.header().map_or(0, |h| h.utterance);
+                match wire::decode(&mut buf) {
+                    Ok(Some(frame)) => match assembler.push(frame) {
+                        Ok(Some(utterance)) => return Ok(utterance),
+                        Ok(None) => {}
+                        Err(e) => return Err((n, (e.code(), e.to_string(), "invalid"))),
+                    },
+                    Ok(None) => break,
+                    Err(e) => return Err(invalid(n, e.to_string())),
+                }
+            }
+            let n = assembler.header().map_or(0, |h| h.utterance);
+            match recv.read_chunk(64 * 1024, true).await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                Ok(None) => return Err(invalid(n, "stream ended before the end frame".into())),
+                Err(e) => return Err(invalid(n, format!("stream failed: {e}"))),
+            }
+        }
+    }
+
+    /// Checks, queues and waits for one utterance's result.
+    async fn handle(&self, utterance: Utterance) -> Result<Frame, Refusal> {
+        let h = &utterance.header;
+        if self.shutdown.is_cancelled() {
+            return Err((
+                ErrorCode::ShuttingDown,
+                format!("region {} is draining", self.region),
+                "shutting_down",
+            ));
+        }
+        if h.sample_rate != wire::SAMPLE_RATE {
+            return Err((
+                ErrorCode::Unsupported,
+                format!(
+                    "sample rate {} is not supported; send {}",
+                    h.sample_rate,
+                    wire::SAMPLE_RATE
+                ),
+                "invalid",
+            ));
+        }
+        self.check_residency(&h.jurisdiction, &h.edge)?;
+        let sha: [u8; 32] = Sha256::digest(&utterance.audio).into();
+        if sha != utterance.audio_sha256 {
+            return Err((
+                ErrorCode::AudioCorrupted,
+                "audio does not match the hash in the end frame".into(),
+                "invalid",
+            ));
+        }
+        let Ok(_permit) = self.inflight.try_acquire() else {
+            return Err((
+                ErrorCode::Overloaded,
+                format!("region {} is at its in-flight limit", self.region),
+                "overloaded",
+            ));
+        };
+        if !self.router.is_subscribed() {
+            return Err((
+                ErrorCode::QueueUnavailable,
+                "the region's result channel is not connected to Redis".into(),
+                "queue_unavailable",
+            ));
+        }
+        self.metrics.inflight.inc();
+        let result = self.enqueue_and_wait(utterance).await;
+        self.metrics.inflight.dec();
+        result
+    }
+
+    fn check_residency(&self, jurisdiction: &str, edge: &str) -> Result<(), Refusal> {
+        let here = self.topology.region(&self.region);
+        let edge_ok = self
+            .topology
+            .edge(edge)
+            .is_some_and(|e| e.jurisdiction == jurisdiction);
+        let allowed = here.is_some_and(|r| self.topology.may_process(jurisdiction, r));
+        if allowed && edge_ok {
+            return Ok(());
+        }
+        self.metrics
+            .residency_refusals
+            .get_or_create(&JurisdictionLabel {
+                jurisdiction: jurisdiction.chars().take(16).collect(),
+                layer: "ingress",
+            })
+            .inc();
+        let message = if !edge_ok {
+            format!(
+                "edge {edge:?} is not an edge of jurisdiction {jurisdiction:?} in this region's topology"
+            )
+        } else {
+            format!(
+                "jurisdiction {jurisdiction:?} may not be processed in region {}",
+                self.region
+            )
+        };
+        tracing::warn!(%jurisdiction, %edge, "residency refusal");
+        Err((ErrorCode::ResidencyRefused, message, "refused"))
+    }
+
+    async fn enqueue_and_wait(&self, utterance: Utterance) -> Result<Frame, Refusal> {
+        let request = *uuid::Uuid::new_v4().as_bytes();
+        let job = Job {
+            request,
+            reply: self.router.channel().to_owned(),
+            header: utterance.header,
+            audio: utterance.audio,
+            audio_sha256: utterance.audio_sha256,
+            enqueued_ms: queue::unix_ms(),
+        };
+        let waiting = self.router.register(request);
+        let started = Instant::now();
+        let mut conn = self.redis.clone();
+        let added = tokio::time::timeout(
+            self.redis_timeout,
+            queue::enqueue(&mut conn, &self.stream, self.stream_max_len, &job),
+        )
+        .await;
+        let unavailable = |why: String| {
+            self.router.forget(&request);
+            tracing::warn!(%why, "cannot queue utterance");
+            Err((
+                ErrorCode::QueueUnavailable,
+                format!("the region's queue is unavailable: {why}"),
+                "queue_unavailable",
+            ))
+        };
+        match added {
+            Ok(Ok(id)) => tracing::debug!(entry = %id, "queued"),
+            Ok(Err(e)) => return unavailable(e.to_string()),
+            Err(_) => return unavailable(format!("no reply within {:?}", self.redis_timeout)),
+        }
+        let answer = tokio::time::timeout(self.result_timeout, waiting).await;
+        self.metrics
+            .result_wait
+            .observe(started.elapsed().as_secs_f64());
+        let bytes: Bytes = match answer {
+            Ok(Ok(bytes)) => bytes,
+            _ => {
+                self.router.forget(&request);
+                return Err((
+                    ErrorCode::Timeout,
+                    format!("no worker answered within {:?}", self.result_timeout),
+                    "timeout",
+                ));
+            }
+        };
+        match wire::decode(&mut BytesMut::from(&bytes[..])) {
+            Ok(Some(frame @ Frame::Final(_))) => Ok(frame),
+            Ok(Some(Frame::Error(e))) => Err((e.code, e.message, "error")),
+            _ => Err((
+                ErrorCode::InferenceFailed,
+                "worker sent a malformed result".into(),
+                "error",
+            )),
+        }
+    }
+}
+
+fn error_frame(utterance: u32, code: ErrorCode, message: String) -> Frame {
+    Frame::Error(WireError {
+        utterance,
+        code,
+        message,
+    })
+}
