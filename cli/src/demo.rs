@@ -152,6 +152,7 @@ pub async fn run(workdir: &Path) -> anyhow::Result<()> {
             quic_port: free_udp_port()?,
             http_port: free_port()?,
             redis_url: redis.url(),
+            workers: 1,
             extra: String::new(),
         }],
         edges: vec![EdgeSpec {

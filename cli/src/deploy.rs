@@ -18,6 +18,8 @@ pub struct RegionSpec {
     pub quic_port: u16,
     pub http_port: u16,
     pub redis_url: String,
+    /// ASR workers; 0 runs the ingress alone.
+    pub workers: usize,
     /// Extra TOML appended to the region's config (e.g. a `[limits]` table).
     pub extra: String,
 }
@@ -106,7 +108,7 @@ url = {redis:?}
 
 [worker]
 model = {model:?}
-count = 1
+count = {workers}
 {extra}"#,
             name = r.name,
             topology = self.topology_path(),
@@ -117,6 +119,7 @@ count = 1
             ca = certs::ca_path(&self.certs_dir()),
             redis = r.redis_url,
             model = self.model,
+            workers = r.workers,
             extra = r.extra,
         )
     }

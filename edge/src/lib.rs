@@ -172,8 +172,12 @@ async fn listen(
     State(edge): State<Arc<EdgeInner>>,
 ) -> Response {
     let limit = edge.config.limits.max_frame_bytes;
+    // A message over the limit is refused after its frame has been read
+    // whole (up to twice the limit), so the stream stays in step and the
+    // client gets a clean 1009 close; only a frame over twice the limit is
+    // cut off mid-way.
     ws.max_message_size(limit)
-        .max_frame_size(limit)
+        .max_frame_size(limit.saturating_mul(2))
         .on_upgrade(move |socket| {
             let tracker = edge.tracker.clone();
             tracker.track_future(session::run(socket, query, edge))

@@ -222,7 +222,7 @@ async fn close_socket(socket: &mut WebSocket, code: u16, reason: &str) {
         return;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(Ok(_)) = socket.recv().await {}
+        while socket.recv().await.is_some() {}
     })
     .await;
 }

@@ -1,0 +1,368 @@
+//! The walking skeleton end to end: a WebSocket client streams real speech
+//! (espeak-ng) through a real edge (Silero VAD on ONNX Runtime), QUIC with
+//! mutual TLS, a real redis-server and a Whisper worker, and back.
+
+mod support;
+
+use std::time::Duration;
+
+use earshot_asr::{EncoderWindow, WhisperModel};
+use earshot_cli::client::{self, StreamOptions, Transcript};
+use earshot_cli::speech::{self, Speech};
+use earshot_common::client::{ClientErrorCode, ServerMessage, hex};
+use futures::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use support::{Cluster, metric};
+use tokio_tungstenite::tungstenite::Message;
+
+const SENTENCES: [&str; 3] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call me back tomorrow morning at nine.",
+    "Every region keeps its own queue of utterances.",
+];
+
+fn speak(dir: &std::path::Path) -> Speech {
+    speech::synthesize(&SENTENCES, 1.5, 0.5, dir).unwrap()
+}
+
+async fn stream(url: &str, speech: &Speech) -> Transcript {
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        client::stream(url, &speech.pcm_bytes(), StreamOptions::default(), |_| {}),
+    )
+    .await
+    .expect("session did not finish within 120 s")
+    .unwrap()
+}
+
+fn sample(seconds: f64) -> usize {
+    (seconds * 16_000.0).round() as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
+    let cluster = Cluster::single("").await;
+    let speech = speak(cluster.dir.path());
+    let url = cluster.listen_url(
+        "edge-fra",
+        "?sample_rate=16000&encoding=pcm_s16le&language=en",
+    );
+    let transcript = stream(&url, &speech).await;
+
+    let ServerMessage::Session(session) = &transcript.messages[0] else {
+        panic!(
+            "first message is not the session: {:?}",
+            transcript.messages[0]
+        );
+    };
+    assert_eq!(session.edge, "edge-fra");
+    assert_eq!(session.jurisdiction, "eu");
+    assert_eq!(session.regions, ["eu-west"]);
+    assert!(transcript.errors().is_empty(), "{:?}", transcript.errors());
+    assert_eq!(transcript.close, Some((1000, "session closed".into())));
+
+    // One final per sentence, in order, each within its sentence.
+    let finals = transcript.finals();
+    assert_eq!(finals.len(), SENTENCES.len(), "{finals:#?}");
+    let duration = speech.samples.len() as f64 / 16_000.0;
+    for (i, (f, (s_start, s_end))) in finals.iter().zip(&speech.spans).enumerate() {
+        assert_eq!(f.utterance, i as u32 + 1);
+        assert_eq!(f.region, "eu-west");
+        assert_eq!(f.model, "whisper-test");
+        assert!(
+            0.0 <= f.start && f.start < f.end && f.end <= duration,
+            "{f:?}"
+        );
+        // The cut covers the sentence, give or take the VAD's pre- and
+        // post-roll and espeak's own quiet edges.
+        assert!(
+            f.start < *s_start + 0.3 && f.start > s_start - 0.6,
+            "utterance {} starts at {} for a sentence at {s_start}",
+            i + 1,
+            f.start
+        );
+        assert!(
+            f.end > *s_end - 0.5 && f.end < s_end + 0.7,
+            "utterance {} ends at {} for a sentence ending {s_end}",
+            i + 1,
+            f.end
+        );
+        if i > 0 {
+            assert!(f.start >= finals[i - 1].end);
+        }
+    }
+
+    // The pipeline does not touch the audio: what the worker transcribed
+    // (its hash travels back in the final) is byte-identical to the segment
+    // of the original recording the edge cut, and so is what sits in the
+    // Redis stream; and the text is what the same model says about that
+    // segment when run directly.
+    let pcm = speech.pcm_bytes();
+    let mut model = WhisperModel::load(&support::test_model(), EncoderWindow::Full).unwrap();
+    let redis = redis::Client::open(cluster.redis["eu-west"].url()).unwrap();
+    let mut conn = redis.get_connection().unwrap();
+    let entries: redis::streams::StreamRangeReply =
+        redis::Commands::xrange_all(&mut conn, "earshot:eu-west:utterances").unwrap();
+    assert_eq!(entries.ids.len(), SENTENCES.len());
+    for (f, entry) in finals.iter().zip(&entries.ids) {
+        let segment = &pcm[2 * sample(f.start)..2 * sample(f.end)];
+        let segment_hash = hex(&Sha256::digest(segment));
+        assert_eq!(f.audio_sha256, segment_hash, "utterance {}", f.utterance);
+        let Some(redis::Value::BulkString(queued)) = entry.map.get("audio") else {
+            panic!("no audio field in {entry:?}");
+        };
+        assert_eq!(hex(&Sha256::digest(queued)), segment_hash);
+        let direct = model
+            .transcribe(&earshot_common::audio::s16le_to_f32(segment), Some("en"))
+            .unwrap();
+        assert_eq!(f.text, direct.text, "utterance {}", f.utterance);
+        assert!(!f.text.is_empty());
+    }
+
+    // The edge and region count what they did.
+    let edge = cluster.metrics(cluster.edge_ports["edge-fra"]).await;
+    assert_eq!(
+        metric(
+            &edge,
+            r#"earshot_edge_utterances_total{region="eu-west",outcome="final"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &edge,
+            r#"earshot_edge_uplink_attempts_total{region="eu-west",outcome="ok"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(metric(&edge, "earshot_edge_sessions_total"), Some(1.0));
+    let region = cluster.metrics(cluster.region_http["eu-west"]).await;
+    assert_eq!(
+        metric(&region, r#"earshot_regional_jobs_total{outcome="final"}"#),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric(
+            &region,
+            r#"earshot_regional_utterances_total{outcome="final"}"#
+        ),
+        Some(3.0)
+    );
+    cluster.stop().await;
+}
+
+/// Sends `messages` on a raw socket and collects the replies until the edge
+/// closes or `replies` messages have arrived.
+async fn raw_session(
+    url: &str,
+    messages: Vec<Message>,
+    replies: usize,
+) -> (Vec<ServerMessage>, Option<(u16, String)>) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    for m in messages {
+        if ws.send(m).await.is_err() {
+            break;
+        }
+    }
+    let mut got = Vec::new();
+    let mut close = None;
+    let read = async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Text(t)) => {
+                    got.push(serde_json::from_str::<ServerMessage>(&t).unwrap());
+                    if got.len() == replies {
+                        break;
+                    }
+                }
+                Ok(Message::Close(frame)) => {
+                    close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("edge went silent");
+    (got, close)
+}
+
+fn error_codes(messages: &[ServerMessage]) -> Vec<(ClientErrorCode, bool)> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            ServerMessage::Error(e) => Some((e.code, e.fatal)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_one_client_gets_documented_errors_while_others_are_served() {
+    let cluster = Cluster::single("[limits]\nmax_frame_bytes = 65536\n").await;
+    let speech = speak(cluster.dir.path());
+    let good_url = cluster.listen_url("edge-fra", "");
+    let good = tokio::spawn({
+        let speech = speech.clone();
+        async move { stream(&good_url, &speech).await }
+    });
+
+    let url = cluster.listen_url("edge-fra", "");
+    // Non-fatal mistakes: each gets an error, and the session goes on.
+    let (replies, close) = raw_session(
+        &url,
+        vec![
+            Message::Text("hello".into()),
+            Message::Text(r#"{"type":"dance"}"#.into()),
+            Message::Text(r#"{"kind":"close"}"#.into()),
+            Message::Binary(vec![1, 2, 3].into()),
+            Message::Binary(vec![0; 3200].into()),
+            Message::Text(r#"{"type":"close"}"#.into()),
+        ],
+        usize::MAX,
+    )
+    .await;
+    assert!(matches!(replies[0], ServerMessage::Session(_)));
+    assert_eq!(
+        error_codes(&replies),
+        [
+            (ClientErrorCode::InvalidJson, false),
+            (ClientErrorCode::UnknownMessageType, false),
+            (ClientErrorCode::InvalidJson, false),
+            (ClientErrorCode::InvalidAudioFrame, false),
+        ]
+    );
+    assert_eq!(close, Some((1000, "session closed".into())));
+
+    // A frame over the limit ends the session with 1009.
+    let (replies, close) = raw_session(
+        &url,
+        vec![Message::Binary(vec![0; 65_538].into())],
+        usize::MAX,
+    )
+    .await;
+    assert_eq!(
+        error_codes(&replies),
+        [(ClientErrorCode::FrameTooLarge, true)]
+    );
+    assert_eq!(close.map(|c| c.0), Some(1009));
+
+    // Unsupported parameters are refused before any audio, with a reason.
+    for (query, code, close_code) in [
+        (
+            "?sample_rate=44100",
+            ClientErrorCode::UnsupportedSampleRate,
+            1003,
+        ),
+        ("?encoding=opus", ClientErrorCode::UnsupportedEncoding, 1003),
+        ("?sample_rate=fast", ClientErrorCode::InvalidQuery, 1008),
+        ("?langauge=en", ClientErrorCode::InvalidQuery, 1008),
+    ] {
+        let (replies, close) =
+            raw_session(&cluster.listen_url("edge-fra", query), vec![], usize::MAX).await;
+        assert_eq!(error_codes(&replies), [(code, true)], "{query}");
+        assert_eq!(close.as_ref().map(|c| c.0), Some(close_code), "{query}");
+    }
+
+    // A text frame of random bytes that happen to be valid UTF-8, and a
+    // binary frame of noise: no panic, the session still answers.
+    let noise: Vec<u8> = (0..32_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (replies, close) = raw_session(
+        &url,
+        vec![
+            Message::Text("\u{0}\u{7f}{{{{".into()),
+            Message::Binary(noise.into()),
+            Message::Text(r#"{"type":"finalize"}"#.into()),
+            Message::Text(r#"{"type":"close"}"#.into()),
+        ],
+        usize::MAX,
+    )
+    .await;
+    assert_eq!(
+        error_codes(&replies)[0],
+        (ClientErrorCode::InvalidJson, false)
+    );
+    assert_eq!(close.map(|c| c.0), Some(1000));
+
+    // Meanwhile the well-behaved client got all its finals.
+    let good = good.await.unwrap();
+    assert_eq!(good.finals().len(), SENTENCES.len());
+    assert!(good.errors().is_empty());
+
+    let edge = cluster.metrics(cluster.edge_ports["edge-fra"]).await;
+    assert_eq!(
+        metric(
+            &edge,
+            r#"earshot_edge_client_errors_total{code="frame_too_large"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &edge,
+            r#"earshot_edge_client_errors_total{code="invalid_audio_frame"}"#
+        ),
+        Some(1.0)
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f32_audio_is_accepted_and_forwarded_as_the_same_pcm() {
+    let cluster = Cluster::single("").await;
+    let speech = speech::synthesize(&SENTENCES[..1], 1.0, 0.5, cluster.dir.path()).unwrap();
+    let f32_bytes: Vec<u8> = speech
+        .samples
+        .iter()
+        .flat_map(|s| (f32::from(*s) / 32768.0).to_le_bytes())
+        .collect();
+    let url = cluster.listen_url("edge-fra", "?encoding=pcm_f32le");
+    let transcript = client::stream(
+        &url,
+        &f32_bytes,
+        StreamOptions {
+            chunk_bytes: 6400,
+            pace: None,
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let finals = transcript.finals();
+    assert_eq!(finals.len(), 1, "{:?}", transcript.messages);
+    let pcm = speech.pcm_bytes();
+    let segment = &pcm[2 * sample(finals[0].start)..2 * sample(finals[0].end)];
+    assert_eq!(finals[0].audio_sha256, hex(&Sha256::digest(segment)));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_gives_each_utterance_an_error_not_a_hang() {
+    let mut cluster = Cluster::single("").await;
+    let speech = speak(cluster.dir.path());
+    cluster.redis.get_mut("eu-west").unwrap().stop();
+    let url = cluster.listen_url("edge-fra", "");
+    // `stream` fails the test if the session does not end within 120 s.
+    let transcript = stream(&url, &speech).await;
+    assert!(transcript.finals().is_empty());
+    let errors = transcript.errors();
+    assert_eq!(errors.len(), SENTENCES.len(), "{errors:#?}");
+    for (i, e) in errors.iter().enumerate() {
+        assert_eq!(e.code, ClientErrorCode::NoRegionAvailable);
+        assert_eq!(e.utterance, Some(i as u32 + 1));
+        assert!(!e.fatal);
+        assert!(e.message.contains("queue_unavailable"), "{}", e.message);
+    }
+    assert_eq!(transcript.close, Some((1000, "session closed".into())));
+    let readyz = support::http_get(cluster.region_http["eu-west"], "/readyz").await;
+    assert!(
+        readyz.starts_with("HTTP/1.0 503") || readyz.starts_with("HTTP/1.1 503"),
+        "{readyz}"
+    );
+    cluster.stop().await;
+}

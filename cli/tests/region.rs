@@ -1,0 +1,387 @@
+//! The regional node at its own boundary: a QUIC client with an edge's
+//! certificate speaks the wire protocol to the ingress directly, so each
+//! refusal can be provoked on purpose; and a worker recovers a job that a
+//! crashed consumer left pending.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use earshot_cli::certs;
+use earshot_common::tls::{TlsPaths, client_config};
+use earshot_common::topology::Topology;
+use earshot_common::wire::{self, ErrorCode, Frame, Header};
+use earshot_regional::metrics::Metrics;
+use earshot_regional::queue::{self, Job};
+use earshot_regional::worker::{self, WorkerContext};
+use futures::StreamExt;
+use redis::Commands;
+use sha2::{Digest, Sha256};
+use support::{Cluster, EdgePlan, RegionPlan, metric};
+use tokio_util::sync::CancellationToken;
+
+async fn cluster() -> Cluster {
+    Cluster::start(
+        &[
+            RegionPlan {
+                name: "eu-west",
+                jurisdiction: "eu",
+                workers: 0,
+                extra: "[limits]\nresult_timeout_ms = 1000\n",
+            },
+            RegionPlan {
+                name: "us-east",
+                jurisdiction: "us",
+                workers: 0,
+                extra: "",
+            },
+        ],
+        &[
+            EdgePlan {
+                name: "edge-fra",
+                jurisdiction: "eu",
+                regions: &["eu-west"],
+                extra: "",
+            },
+            EdgePlan {
+                name: "edge-nyc",
+                jurisdiction: "us",
+                regions: &["us-east", "eu-west"],
+                extra: "",
+            },
+        ],
+    )
+    .await
+}
+
+fn tls_for(certs_dir: &std::path::Path, edge: &str) -> TlsPaths {
+    let c = certs::edge_cert(certs_dir, edge);
+    TlsPaths {
+        cert: c.cert,
+        key: c.key,
+        ca: certs::ca_path(certs_dir),
+    }
+}
+
+async fn connect(
+    cluster: &Cluster,
+    tls: &TlsPaths,
+    region: &str,
+) -> Result<quinn::Connection, String> {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config(tls).unwrap());
+    let addr = format!("127.0.0.1:{}", cluster.quic_ports[region])
+        .parse()
+        .unwrap();
+    let connection = endpoint
+        .connect(addr, region)
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())?;
+    // With TLS 1.3 the server checks the client certificate after the
+    // client considers the handshake done; a refused certificate shows up
+    // as the connection closing. A stream round trip settles it.
+    Ok(connection)
+}
+
+/// Sends raw bytes on a new stream and decodes the answer.
+async fn exchange(connection: &quinn::Connection, bytes: &[u8]) -> Result<Frame, String> {
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(bytes).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let answer = tokio::time::timeout(Duration::from_secs(20), recv.read_to_end(1 << 21))
+        .await
+        .map_err(|_| "no answer within 20 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    wire::decode(&mut BytesMut::from(&answer[..]))
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("incomplete answer of {} bytes", answer.len()))
+}
+
+fn header(jurisdiction: &str, edge: &str) -> Header {
+    Header {
+        session: [7; 16],
+        utterance: 1,
+        jurisdiction: jurisdiction.into(),
+        edge: edge.into(),
+        language: "en".into(),
+        sample_rate: 16_000,
+    }
+}
+
+fn utterance(h: &Header, audio: &[u8]) -> BytesMut {
+    let audio = Bytes::copy_from_slice(audio);
+    let sha: [u8; 32] = Sha256::digest(&audio).into();
+    wire::encode_utterance(h, &audio, sha).unwrap()
+}
+
+fn code(frame: Result<Frame, String>) -> ErrorCode {
+    match frame {
+        Ok(Frame::Error(e)) => e.code,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+fn stream_len(cluster: &Cluster, region: &str) -> usize {
+    let client = redis::Client::open(cluster.redis[region].url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    conn.xlen(queue::stream_key(region)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_refuses_what_residency_forbids_and_counts_it() {
+    let cluster = cluster().await;
+    let certs_dir = cluster.deployment.certs_dir();
+    let fra = connect(&cluster, &tls_for(&certs_dir, "edge-fra"), "us-east")
+        .await
+        .unwrap();
+    let audio = vec![0u8; 3200];
+
+    // An EU session at a US region, even from a genuine EU edge.
+    let answer = exchange(&fra, &utterance(&header("eu", "edge-fra"), &audio)).await;
+    assert_eq!(code(answer), ErrorCode::ResidencyRefused);
+    // An EU edge claiming its session is American.
+    let answer = exchange(&fra, &utterance(&header("us", "edge-fra"), &audio)).await;
+    assert_eq!(code(answer), ErrorCode::ResidencyRefused);
+    // An edge the topology does not know.
+    let answer = exchange(&fra, &utterance(&header("us", "edge-mars"), &audio)).await;
+    assert_eq!(code(answer), ErrorCode::ResidencyRefused);
+    // Nothing was queued in the US.
+    assert_eq!(stream_len(&cluster, "us-east"), 0);
+
+    let m = cluster.metrics(cluster.region_http["us-east"]).await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"earshot_regional_residency_refusals_total{jurisdiction="eu",layer="ingress"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"earshot_regional_residency_refusals_total{jurisdiction="us",layer="ingress"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"earshot_regional_utterances_total{outcome="refused"}"#
+        ),
+        Some(3.0)
+    );
+
+    // A US session may use the EU region (the US is not strict): it is
+    // queued there (and times out: that region runs no workers).
+    let nyc = connect(&cluster, &tls_for(&certs_dir, "edge-nyc"), "eu-west")
+        .await
+        .unwrap();
+    let answer = exchange(&nyc, &utterance(&header("us", "edge-nyc"), &audio)).await;
+    assert_eq!(code(answer), ErrorCode::Timeout);
+    assert_eq!(stream_len(&cluster, "eu-west"), 1);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_streams_get_error_frames_not_hangs() {
+    let cluster = cluster().await;
+    let conn = connect(
+        &cluster,
+        &tls_for(&cluster.deployment.certs_dir(), "edge-fra"),
+        "eu-west",
+    )
+    .await
+    .unwrap();
+    let h = header("eu", "edge-fra");
+
+    assert_eq!(
+        code(exchange(&conn, b"\xff\xff\xff\xffgarbage").await),
+        ErrorCode::InvalidFrame
+    );
+    assert_eq!(
+        code(exchange(&conn, &[0, 0, 0, 1, 0x42]).await),
+        ErrorCode::InvalidFrame
+    );
+    // Audio before the header.
+    let mut bad = BytesMut::new();
+    Frame::Audio(Bytes::from_static(&[0, 0]))
+        .encode(&mut bad)
+        .unwrap();
+    assert_eq!(code(exchange(&conn, &bad).await), ErrorCode::InvalidFrame);
+    // A stream that ends before its end frame.
+    let mut cut = BytesMut::new();
+    Frame::Header(h.clone()).encode(&mut cut).unwrap();
+    assert_eq!(code(exchange(&conn, &cut).await), ErrorCode::InvalidFrame);
+    // Audio that does not match its hash.
+    let mut corrupt = BytesMut::new();
+    let sent = wire::encode_utterance(&h, &Bytes::from_static(&[1, 2, 3, 4]), [0; 32]).unwrap();
+    corrupt.extend_from_slice(&sent);
+    assert_eq!(
+        code(exchange(&conn, &corrupt).await),
+        ErrorCode::AudioCorrupted
+    );
+    // More than 30 s of audio.
+    let long = vec![0u8; 31 * 32_000];
+    assert_eq!(
+        code(exchange(&conn, &utterance(&h, &long)).await),
+        ErrorCode::AudioTooLong
+    );
+    // A sample rate the region does not take.
+    let mut h8k = h.clone();
+    h8k.sample_rate = 8_000;
+    assert_eq!(
+        code(exchange(&conn, &utterance(&h8k, &[0; 320])).await),
+        ErrorCode::Unsupported
+    );
+    // None of these reached the queue.
+    assert_eq!(stream_len(&cluster, "eu-west"), 0);
+
+    // The connection still works for a valid utterance.
+    assert_eq!(
+        code(exchange(&conn, &utterance(&h, &[0; 3200])).await),
+        ErrorCode::Timeout
+    );
+    assert_eq!(stream_len(&cluster, "eu-west"), 1);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_answered_with_queue_unavailable() {
+    let mut cluster = cluster().await;
+    let conn = connect(
+        &cluster,
+        &tls_for(&cluster.deployment.certs_dir(), "edge-fra"),
+        "eu-west",
+    )
+    .await
+    .unwrap();
+    cluster.redis.get_mut("eu-west").unwrap().stop();
+    let answer = exchange(&conn, &utterance(&header("eu", "edge-fra"), &[0; 3200])).await;
+    assert_eq!(code(answer), ErrorCode::QueueUnavailable);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_ends_verify_certificates_against_the_deployment_ca() {
+    let cluster = cluster().await;
+    // Certificates from another CA, for the same names.
+    let topology = Topology::load(&cluster.deployment.topology_path()).unwrap();
+    let other = cluster.dir.path().join("other-ca");
+    certs::generate(&topology, &other).unwrap();
+
+    // An edge that trusts only the other CA refuses the region.
+    let err = connect(&cluster, &tls_for(&other, "edge-fra"), "eu-west")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
+
+    // A client whose certificate the region's CA did not sign is refused,
+    // even if it trusts the region.
+    let mixed = TlsPaths {
+        ca: certs::ca_path(&cluster.deployment.certs_dir()),
+        ..tls_for(&other, "edge-fra")
+    };
+    let outcome = match connect(&cluster, &mixed, "eu-west").await {
+        Err(e) => e,
+        Ok(conn) => exchange(&conn, &utterance(&header("eu", "edge-fra"), &[0; 320]))
+            .await
+            .expect_err("a client with an unknown certificate got an answer"),
+    };
+    assert!(!outcome.is_empty());
+
+    // A region name that is not on the certificate is refused too.
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(
+        client_config(&tls_for(&cluster.deployment.certs_dir(), "edge-fra")).unwrap(),
+    );
+    let addr = format!("127.0.0.1:{}", cluster.quic_ports["eu-west"])
+        .parse()
+        .unwrap();
+    let wrong_name = endpoint.connect(addr, "us-east").unwrap().await;
+    assert!(wrong_name.is_err());
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_left_pending_by_a_crashed_worker_is_claimed_and_answered() {
+    let cluster = cluster().await;
+    let url = cluster.redis["eu-west"].url();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let stream = queue::stream_key("eu-west");
+    let reply = "earshot:eu-west:results:test";
+
+    // A job is queued, and a consumer reads it and dies without acking.
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    worker::ensure_group(&mut conn, &stream).await.unwrap();
+    let audio = Bytes::from(vec![0u8; 16_000]);
+    let job = Job {
+        request: [9; 16],
+        reply: reply.into(),
+        header: header("eu", "edge-fra"),
+        audio_sha256: Sha256::digest(&audio).into(),
+        audio,
+        enqueued_ms: queue::unix_ms(),
+    };
+    let mut manager = redis::aio::ConnectionManager::new(client.clone())
+        .await
+        .unwrap();
+    queue::enqueue(&mut manager, &stream, 1000, &job)
+        .await
+        .unwrap();
+    let mut sync = client.get_connection().unwrap();
+    let opts = redis::streams::StreamReadOptions::default()
+        .group(queue::GROUP, "crashed")
+        .count(1);
+    let read: redis::streams::StreamReadReply =
+        sync.xread_options(&[&stream], &[">"], &opts).unwrap();
+    assert_eq!(read.keys[0].ids.len(), 1);
+
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(reply).await.unwrap();
+
+    // A healthy worker starts; after the claim idle time it takes the job.
+    let metrics = Arc::new(Metrics::new());
+    let ctx = WorkerContext {
+        region: "eu-west".into(),
+        stream: stream.clone(),
+        consumer: "healthy".into(),
+        model_id: "whisper-test".into(),
+        topology: Arc::new(Topology::load(&cluster.deployment.topology_path()).unwrap()),
+        metrics: metrics.clone(),
+        claim_idle: Duration::from_millis(1000),
+        client: client.clone(),
+        publisher: manager,
+    };
+    let model =
+        earshot_asr::WhisperModel::load(&support::test_model(), earshot_asr::EncoderWindow::Fit)
+            .unwrap();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker::run(ctx, model, stop.clone()));
+
+    let message = tokio::time::timeout(Duration::from_secs(30), pubsub.on_message().next())
+        .await
+        .expect("no result within 30 s")
+        .unwrap();
+    let payload = message.get_payload_bytes();
+    assert_eq!(&payload[..16], &[9; 16]);
+    match wire::decode(&mut BytesMut::from(&payload[16..])).unwrap() {
+        Some(Frame::Final(f)) => {
+            assert_eq!(f.utterance, 1);
+            assert_eq!(f.region, "eu-west");
+            assert_eq!(f.audio_sha256, job.audio_sha256);
+        }
+        other => panic!("expected a final, got {other:?}"),
+    }
+    stop.cancel();
+    running.await.unwrap();
+    assert_eq!(metrics.jobs_claimed.get(), 1);
+    let pending: redis::streams::StreamPendingReply = sync.xpending(&stream, queue::GROUP).unwrap();
+    assert_eq!(pending.count(), 0, "the claimed job was acknowledged");
+    cluster.stop().await;
+}
