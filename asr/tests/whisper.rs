@@ -1,5 +1,7 @@
 //! The real loading and inference path, on a generated model.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 
 use earshot_asr::{AsrError, EncoderWindow, TestModelSpec, WhisperModel, generate_test_model};

@@ -2,6 +2,8 @@
 //! (espeak-ng) through a real edge (Silero VAD on ONNX Runtime), QUIC with
 //! mutual TLS, a real redis-server and a Whisper worker, and back.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -3,6 +3,8 @@
 //! refusal can be provoked on purpose; and a worker recovers a job that a
 //! crashed consumer left pending.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;

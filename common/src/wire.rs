@@ -486,7 +486,7 @@ impl Assembler {
                 Ok(None)
             }
             (Frame::End { audio_sha256 }, true) => {
-                if self.audio.len() % 2 != 0 {
+                if !self.audio.len().is_multiple_of(2) {
                     return Err(AssembleError::OddAudio(self.audio.len()));
                 }
                 let header = self.header.take().ok_or(AssembleError::Incomplete)?;

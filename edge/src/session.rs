@@ -359,7 +359,7 @@ impl Session {
 
     async fn on_audio(&mut self, socket: &mut WebSocket, data: Bytes) -> Result<(), End> {
         let bps = self.params.encoding.bytes_per_sample();
-        if data.len() % bps != 0 {
+        if !data.len().is_multiple_of(bps) {
             let msg = format!(
                 "binary frame of {} bytes is not a whole number of {}-byte {} samples: the frame was dropped",
                 data.len(),
