@@ -112,8 +112,12 @@ pub fn load_config(dir: &Path) -> Result<Config, AsrError> {
     })?;
     let heads_ok = config.encoder_attention_heads > 0
         && config.decoder_attention_heads > 0
-        && config.d_model.is_multiple_of(config.encoder_attention_heads)
-        && config.d_model.is_multiple_of(config.decoder_attention_heads);
+        && config
+            .d_model
+            .is_multiple_of(config.encoder_attention_heads)
+        && config
+            .d_model
+            .is_multiple_of(config.decoder_attention_heads);
     if !heads_ok || config.num_mel_bins == 0 || config.max_target_positions < 8 {
         return Err(AsrError::Config {
             path,

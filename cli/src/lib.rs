@@ -1,11 +1,14 @@
 //! The `earshot` operator CLI and the pieces it shares with tests:
 //! development certificates for a topology, a loopback deployment written
 //! as real config files, throwaway Redis servers, spoken test audio
-//! (espeak-ng + sox), a `/v1/listen` client, and the demo.
+//! (espeak-ng + sox), a `/v1/listen` client, an in-process cluster, and the
+//! demo.
 
 pub mod assets;
+pub mod bench;
 pub mod certs;
 pub mod client;
+pub mod cluster;
 pub mod demo;
 pub mod deploy;
 pub mod redis_server;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use earshot_asr::{TestModelSpec, generate_test_model};
-use earshot_cli::{certs, client, demo, speech};
+use earshot_cli::{bench, certs, client, demo, speech};
 use earshot_common::topology::Topology;
 
 #[derive(Parser)]
@@ -46,6 +46,11 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Benchmarks (numbers go to docs/benchmarks.md).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCmd,
+    },
     /// Model utilities.
     Models {
         #[command(subcommand)]
@@ -60,6 +65,22 @@ enum Cmd {
         gap: f64,
         #[arg(required = true)]
         sentences: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Per-utterance time outside the model (VAD, QUIC, Redis, fan-in) on loopback.
+    Overhead {
+        /// Utterances to send.
+        #[arg(long, default_value_t = 200)]
+        utterances: usize,
+        /// How many times faster than real time to stream.
+        #[arg(long, default_value_t = 4.0)]
+        speed: f64,
+        /// Whisper model directory (default: a generated test model).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
 }
 
@@ -125,6 +146,25 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
                 eprintln!("closed: {code} {reason}");
             }
             Ok(())
+        }
+        Cmd::Bench {
+            command:
+                BenchCmd::Overhead {
+                    utterances,
+                    speed,
+                    model,
+                },
+        } => {
+            let scratch = tempfile::tempdir()?;
+            let model = match model {
+                Some(m) => m,
+                None => {
+                    let dir = scratch.path().join("whisper-test");
+                    generate_test_model(&dir, &TestModelSpec::TEST)?;
+                    dir
+                }
+            };
+            bench::overhead(&model, utterances, speed).await
         }
         Cmd::Certs { topology, out } => {
             let topology = Topology::load(&topology)?;

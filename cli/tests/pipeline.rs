@@ -14,7 +14,7 @@ use earshot_cli::speech::{self, Speech};
 use earshot_common::client::{ClientErrorCode, ServerMessage, hex};
 use futures::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
-use support::{Cluster, metric};
+use support::metric;
 use tokio_tungstenite::tungstenite::Message;
 
 const SENTENCES: [&str; 3] = [
@@ -43,7 +43,7 @@ fn sample(seconds: f64) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
-    let cluster = Cluster::single("").await;
+    let cluster = support::single("").await;
     let speech = speak(cluster.dir.path());
     let url = cluster.listen_url(
         "edge-fra",
@@ -122,7 +122,10 @@ async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
     }
 
     // The edge and region count what they did.
-    let edge = cluster.metrics(cluster.edge_ports["edge-fra"]).await;
+    let edge = cluster
+        .metrics(cluster.edge_ports["edge-fra"])
+        .await
+        .unwrap();
     assert_eq!(
         metric(
             &edge,
@@ -138,7 +141,10 @@ async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
         Some(3.0)
     );
     assert_eq!(metric(&edge, "earshot_edge_sessions_total"), Some(1.0));
-    let region = cluster.metrics(cluster.region_http["eu-west"]).await;
+    let region = cluster
+        .metrics(cluster.region_http["eu-west"])
+        .await
+        .unwrap();
     assert_eq!(
         metric(&region, r#"earshot_regional_jobs_total{outcome="final"}"#),
         Some(3.0)
@@ -150,7 +156,7 @@ async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
         ),
         Some(3.0)
     );
-    cluster.stop().await;
+    cluster.stop().await.unwrap();
 }
 
 /// Sends `messages` on a raw socket and collects the replies until the edge
@@ -204,7 +210,7 @@ fn error_codes(messages: &[ServerMessage]) -> Vec<(ClientErrorCode, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_one_client_gets_documented_errors_while_others_are_served() {
-    let cluster = Cluster::single("[limits]\nmax_frame_bytes = 65536\n").await;
+    let cluster = support::single("[limits]\nmax_frame_bytes = 65536\n").await;
     let speech = speak(cluster.dir.path());
     let good_url = cluster.listen_url("edge-fra", "");
     let good = tokio::spawn({
@@ -296,7 +302,10 @@ async fn garbage_from_one_client_gets_documented_errors_while_others_are_served(
     assert_eq!(good.finals().len(), SENTENCES.len());
     assert!(good.errors().is_empty());
 
-    let edge = cluster.metrics(cluster.edge_ports["edge-fra"]).await;
+    let edge = cluster
+        .metrics(cluster.edge_ports["edge-fra"])
+        .await
+        .unwrap();
     assert_eq!(
         metric(
             &edge,
@@ -311,12 +320,12 @@ async fn garbage_from_one_client_gets_documented_errors_while_others_are_served(
         ),
         Some(1.0)
     );
-    cluster.stop().await;
+    cluster.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f32_audio_is_accepted_and_forwarded_as_the_same_pcm() {
-    let cluster = Cluster::single("").await;
+    let cluster = support::single("").await;
     let speech = speech::synthesize(&SENTENCES[..1], 1.0, 0.5, cluster.dir.path()).unwrap();
     let f32_bytes: Vec<u8> = speech
         .samples
@@ -340,12 +349,12 @@ async fn f32_audio_is_accepted_and_forwarded_as_the_same_pcm() {
     let pcm = speech.pcm_bytes();
     let segment = &pcm[2 * sample(finals[0].start)..2 * sample(finals[0].end)];
     assert_eq!(finals[0].audio_sha256, hex(&Sha256::digest(segment)));
-    cluster.stop().await;
+    cluster.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_gives_each_utterance_an_error_not_a_hang() {
-    let mut cluster = Cluster::single("").await;
+    let mut cluster = support::single("").await;
     let speech = speak(cluster.dir.path());
     cluster.redis.get_mut("eu-west").unwrap().stop();
     let url = cluster.listen_url("edge-fra", "");
@@ -361,10 +370,12 @@ async fn redis_down_gives_each_utterance_an_error_not_a_hang() {
         assert!(e.message.contains("queue_unavailable"), "{}", e.message);
     }
     assert_eq!(transcript.close, Some((1000, "session closed".into())));
-    let readyz = support::http_get(cluster.region_http["eu-west"], "/readyz").await;
+    let readyz = support::http_get(cluster.region_http["eu-west"], "/readyz")
+        .await
+        .unwrap();
     assert!(
         readyz.starts_with("HTTP/1.0 503") || readyz.starts_with("HTTP/1.1 503"),
         "{readyz}"
     );
-    cluster.stop().await;
+    cluster.stop().await.unwrap();
 }

@@ -25,7 +25,7 @@ use support::{Cluster, EdgePlan, RegionPlan, metric};
 use tokio_util::sync::CancellationToken;
 
 async fn cluster() -> Cluster {
-    Cluster::start(
+    support::start(
         &[
             RegionPlan {
                 name: "eu-west",
@@ -153,7 +153,10 @@ async fn the_ingress_refuses_what_residency_forbids_and_counts_it() {
     // Nothing was queued in the US.
     assert_eq!(stream_len(&cluster, "us-east"), 0);
 
-    let m = cluster.metrics(cluster.region_http["us-east"]).await;
+    let m = cluster
+        .metrics(cluster.region_http["us-east"])
+        .await
+        .unwrap();
     assert_eq!(
         metric(
             &m,
@@ -184,7 +187,7 @@ async fn the_ingress_refuses_what_residency_forbids_and_counts_it() {
     let answer = exchange(&nyc, &utterance(&header("us", "edge-nyc"), &audio)).await;
     assert_eq!(code(answer), ErrorCode::Timeout);
     assert_eq!(stream_len(&cluster, "eu-west"), 1);
-    cluster.stop().await;
+    cluster.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,7 +250,7 @@ async fn malformed_streams_get_error_frames_not_hangs() {
         ErrorCode::Timeout
     );
     assert_eq!(stream_len(&cluster, "eu-west"), 1);
-    cluster.stop().await;
+    cluster.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,7 +266,7 @@ async fn redis_down_is_answered_with_queue_unavailable() {
     cluster.redis.get_mut("eu-west").unwrap().stop();
     let answer = exchange(&conn, &utterance(&header("eu", "edge-fra"), &[0; 3200])).await;
     assert_eq!(code(answer), ErrorCode::QueueUnavailable);
-    cluster.stop().await;
+    cluster.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,7 +310,7 @@ async fn both_ends_verify_certificates_against_the_deployment_ca() {
         .unwrap();
     let wrong_name = endpoint.connect(addr, "us-east").unwrap().await;
     assert!(wrong_name.is_err());
-    cluster.stop().await;
+    cluster.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,7 +331,7 @@ async fn a_job_left_pending_by_a_crashed_worker_is_claimed_and_answered() {
         header: header("eu", "edge-fra"),
         audio_sha256: Sha256::digest(&audio).into(),
         audio,
-        enqueued_ms: queue::unix_ms(),
+        enqueued_us: queue::unix_us(),
     };
     let mut manager = redis::aio::ConnectionManager::new(client.clone())
         .await
@@ -385,5 +388,5 @@ async fn a_job_left_pending_by_a_crashed_worker_is_claimed_and_answered() {
     assert_eq!(metrics.jobs_claimed.get(), 1);
     let pending: redis::streams::StreamPendingReply = sync.xpending(&stream, queue::GROUP).unwrap();
     assert_eq!(pending.count(), 0, "the claimed job was acknowledged");
-    cluster.stop().await;
+    cluster.stop().await.unwrap();
 }

@@ -40,6 +40,13 @@ pub struct FinalMessage {
     pub end: f64,
     /// SHA-256 (hex) of the 16 kHz s16le PCM the region transcribed.
     pub audio_sha256: String,
+    /// Milliseconds from the end of the utterance (the VAD's cut) to its
+    /// final reaching the edge.
+    pub latency_ms: f64,
+    /// Of which the utterance waited in the region's queue...
+    pub queue_ms: f64,
+    /// ...and the model ran.
+    pub inference_ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +89,22 @@ pub enum ClientErrorCode {
 }
 
 impl ClientErrorCode {
+    pub const ALL: [ClientErrorCode; 13] = [
+        ClientErrorCode::InvalidQuery,
+        ClientErrorCode::UnsupportedEncoding,
+        ClientErrorCode::UnsupportedSampleRate,
+        ClientErrorCode::InvalidAudioFrame,
+        ClientErrorCode::InvalidJson,
+        ClientErrorCode::UnknownMessageType,
+        ClientErrorCode::FrameTooLarge,
+        ClientErrorCode::UtteranceFailed,
+        ClientErrorCode::NoRegionAvailable,
+        ClientErrorCode::ServerBusy,
+        ClientErrorCode::IdleTimeout,
+        ClientErrorCode::ShuttingDown,
+        ClientErrorCode::ProtocolError,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ClientErrorCode::InvalidQuery => "invalid_query",
@@ -163,6 +186,11 @@ fn truncate(s: &str, max_chars: usize) -> String {
     s.chars().take(max_chars).collect()
 }
 
+/// Microseconds as milliseconds, rounded to the microsecond.
+pub fn micros_to_ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
 /// Lowercase hex of a byte string.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -214,10 +242,13 @@ mod tests {
             start: 1.5,
             end: 2.25,
             audio_sha256: "00".into(),
+            latency_ms: 31.25,
+            queue_ms: 0.5,
+            inference_ms: 25.0,
         });
         assert_eq!(
             m.to_json(),
-            r#"{"type":"final","utterance":2,"text":"hi","region":"eu-west","model":"whisper@1","start":1.5,"end":2.25,"audio_sha256":"00"}"#
+            r#"{"type":"final","utterance":2,"text":"hi","region":"eu-west","model":"whisper@1","start":1.5,"end":2.25,"audio_sha256":"00","latency_ms":31.25,"queue_ms":0.5,"inference_ms":25.0}"#
         );
         let e = ServerMessage::Error(ErrorMessage::new(
             ClientErrorCode::InvalidAudioFrame,
@@ -234,11 +265,7 @@ mod tests {
 
     #[test]
     fn error_code_strings_match_serde() {
-        for code in [
-            ClientErrorCode::InvalidQuery,
-            ClientErrorCode::NoRegionAvailable,
-            ClientErrorCode::ProtocolError,
-        ] {
+        for code in ClientErrorCode::ALL {
             assert_eq!(
                 serde_json::to_string(&code).unwrap(),
                 format!("\"{}\"", code.as_str())

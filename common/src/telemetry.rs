@@ -37,3 +37,46 @@ pub fn content(text: &str) -> String {
         format!("<{} bytes redacted>", text.len())
     }
 }
+
+/// Metric names a Prometheus text exposition declares, as they appear in
+/// samples: counters with `_total`, other types as declared. Used to check
+/// exports against `docs/metrics.md` and dashboards against exports.
+pub fn exported_metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let name = parts.next()?;
+            Some(match parts.next()? {
+                "counter" => format!("{name}_total"),
+                _ => name.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Every `` `name` `` starting with `prefix` in a markdown document.
+pub fn documented_metric_names(markdown: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    markdown
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| s.starts_with(prefix) && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_come_from_type_lines_with_total_on_counters() {
+        let text = "# HELP a_b x\n# TYPE a_b counter\na_b_total 1\n# TYPE a_c histogram\na_c_bucket{le=\"1\"} 0\n";
+        let names: Vec<String> = exported_metric_names(text).into_iter().collect();
+        assert_eq!(names, ["a_b_total", "a_c"]);
+        let doc = "| `a_b_total` | counter |\n`a_x{label=\"y\"}` and `b_c`";
+        let names: Vec<String> = documented_metric_names(doc, "a_").into_iter().collect();
+        assert_eq!(names, ["a_b_total"]);
+    }
+}

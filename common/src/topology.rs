@@ -596,3 +596,30 @@ mod tests {
         assert!(err.to_string().contains("/nonexistent/topology.toml"));
     }
 }
+
+#[cfg(test)]
+mod shipped_files {
+    use super::*;
+
+    /// Every topology file in `topology/` loads, and no EU edge can reach a
+    /// non-EU region.
+    #[test]
+    fn the_repository_s_topologies_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let t = Topology::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                for edge in t.edges() {
+                    for region in t.permitted_regions(&edge.name).unwrap() {
+                        let strict = t.jurisdiction(&edge.jurisdiction).unwrap().strict;
+                        assert!(!strict || region.jurisdiction == edge.jurisdiction);
+                    }
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 0);
+    }
+}

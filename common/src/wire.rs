@@ -60,10 +60,10 @@ pub struct Final {
     pub model: String,
     /// SHA-256 of the PCM the worker transcribed.
     pub audio_sha256: [u8; 32],
-    /// Time the utterance waited in the region's queue.
-    pub queue_ms: u32,
-    /// Time the model took.
-    pub inference_ms: u32,
+    /// Microseconds the utterance waited in the region's queue.
+    pub queue_us: u32,
+    /// Microseconds the model took.
+    pub inference_us: u32,
 }
 
 /// A refusal or failure for one utterance.
@@ -242,8 +242,8 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
         T_FINAL => Frame::Final(Final {
             utterance: r.u32("utterance")?,
             audio_sha256: r.array("audio hash")?,
-            queue_ms: r.u32("queue time")?,
-            inference_ms: r.u32("inference time")?,
+            queue_us: r.u32("queue time")?,
+            inference_us: r.u32("inference time")?,
             region: r.str8("region")?,
             model: r.str8("model")?,
             text: r.str32("text")?,
@@ -350,8 +350,8 @@ impl Frame {
                 body.put_u8(T_FINAL);
                 body.put_u32(f.utterance);
                 body.put_slice(&f.audio_sha256);
-                body.put_u32(f.queue_ms);
-                body.put_u32(f.inference_ms);
+                body.put_u32(f.queue_us);
+                body.put_u32(f.inference_us);
                 put_str8(&mut body, &f.region, "region")?;
                 put_str8(&mut body, &f.model, "model")?;
                 let len =
@@ -578,8 +578,8 @@ mod tests {
             region: "r".into(),
             model: "m@1".into(),
             audio_sha256: [1; 32],
-            queue_ms: 2,
-            inference_ms: 300,
+            queue_us: 2,
+            inference_us: 300,
         };
         let mut expected = vec![0, 0, 0, 58, 0x10, 0, 0, 0, 1];
         expected.extend([1; 32]);

@@ -95,6 +95,8 @@ impl Edge {
         let permitted = topology.permitted_regions(&edge.name)?;
         let client = earshot_common::tls::client_config(&config.tls)?;
         let metrics = Arc::new(Metrics::new());
+        let region_names: Vec<String> = permitted.iter().map(|r| r.name.clone()).collect();
+        metrics.init_series(&region_names);
         let uplink = Uplink::new(
             config.uplink_bind,
             client,
@@ -116,7 +118,7 @@ impl Edge {
             inner: Arc::new(EdgeInner {
                 name: edge.name.clone(),
                 jurisdiction: edge.jurisdiction.clone(),
-                regions: permitted.iter().map(|r| r.name.clone()).collect(),
+                regions: region_names,
                 sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
                 config,
                 vad,

@@ -102,6 +102,46 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Outcomes of `uplink_attempts`.
+    pub const ATTEMPT_OUTCOMES: [&'static str; 6] = [
+        "ok",
+        "refused",
+        "retryable",
+        "transport",
+        "timeout",
+        "corrupted",
+    ];
+
+    /// Creates every series with a known label set at zero, so dashboards
+    /// and alerts see them before the first event.
+    pub fn init_series(&self, regions: &[String]) {
+        for code in earshot_common::client::ClientErrorCode::ALL {
+            let _ = self.client_errors.get_or_create(&CodeLabel {
+                code: code.as_str(),
+            });
+        }
+        let none = ["none".to_owned()];
+        for region in regions.iter().chain(&none) {
+            for outcome in ["final", "error"] {
+                let _ = self.utterances.get_or_create(&RegionOutcome {
+                    region: region.clone(),
+                    outcome,
+                });
+            }
+        }
+        for region in regions {
+            for outcome in Self::ATTEMPT_OUTCOMES {
+                let _ = self.uplink_attempts.get_or_create(&RegionOutcome {
+                    region: region.clone(),
+                    outcome,
+                });
+            }
+            let _ = self.utterance_latency.get_or_create(&RegionLabel {
+                region: region.clone(),
+            });
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -114,5 +154,26 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use earshot_common::telemetry::{documented_metric_names, exported_metric_names};
+
+    #[test]
+    fn exports_exactly_what_docs_metrics_md_lists() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+                .unwrap();
+        let metrics = super::Metrics::new();
+        metrics.init_series(&["eu-west".to_owned()]);
+        let exported = exported_metric_names(&metrics.render());
+        let documented = documented_metric_names(&doc, "earshot_edge_");
+        assert!(!exported.is_empty());
+        assert_eq!(
+            exported, documented,
+            "docs/metrics.md and the edge's exports differ"
+        );
     }
 }

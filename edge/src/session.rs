@@ -15,7 +15,7 @@ use bytes::Bytes;
 use earshot_common::audio::{Encoding, f32le_to_s16le, s16le_to_f32};
 use earshot_common::client::{
     ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, ServerMessage, SessionInfo, hex,
-    parse_client_message,
+    micros_to_ms, parse_client_message,
 };
 use earshot_common::wire::{self, Header};
 use futures::StreamExt;
@@ -513,16 +513,17 @@ impl Session {
                         outcome: "final",
                     })
                     .inc();
+                let latency = outcome.cut_at.elapsed();
                 metrics
                     .utterance_latency
                     .get_or_create(&RegionLabel {
                         region: answer.region.clone(),
                     })
-                    .observe(outcome.cut_at.elapsed().as_secs_f64());
+                    .observe(latency.as_secs_f64());
                 tracing::info!(
                     utterance = outcome.number,
                     region = %answer.region,
-                    inference_ms = answer.fin.inference_ms,
+                    inference_us = answer.fin.inference_us,
                     text = %earshot_common::telemetry::content(&answer.fin.text),
                     "final"
                 );
@@ -534,6 +535,9 @@ impl Session {
                     start: seconds(outcome.segment.start),
                     end: seconds(outcome.segment.end),
                     audio_sha256: hex(&answer.fin.audio_sha256),
+                    latency_ms: micros_to_ms(latency.as_micros() as u64),
+                    queue_ms: micros_to_ms(answer.fin.queue_us.into()),
+                    inference_ms: micros_to_ms(answer.fin.inference_us.into()),
                 });
                 self.send(socket, msg).await
             }

@@ -275,7 +275,7 @@ impl Ingress {
             header: utterance.header,
             audio: utterance.audio,
             audio_sha256: utterance.audio_sha256,
-            enqueued_ms: queue::unix_ms(),
+            enqueued_us: queue::unix_us(),
         };
         let waiting = self.router.register(request);
         let started = Instant::now();

@@ -111,10 +111,17 @@ impl Regional {
             .collect::<Result<Vec<_>, _>>()?;
         let ingress_id = uuid::Uuid::new_v4().simple().to_string();
         let router = ResultRouter::new(queue::results_channel(&config.region, &ingress_id));
+        let metrics = Arc::new(Metrics::new());
+        let jurisdictions: Vec<String> = topology
+            .jurisdictions()
+            .iter()
+            .map(|j| j.name.clone())
+            .collect();
+        metrics.init_series(&jurisdictions);
         Ok(Regional {
             config,
             topology,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             server,
             client,
             redis,

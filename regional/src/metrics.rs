@@ -106,6 +106,39 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Outcomes of the ingress's `utterances`.
+    pub const UTTERANCE_OUTCOMES: [&'static str; 8] = [
+        "final",
+        "refused",
+        "invalid",
+        "queue_unavailable",
+        "timeout",
+        "overloaded",
+        "shutting_down",
+        "error",
+    ];
+    /// Outcomes of the workers' `jobs`.
+    pub const JOB_OUTCOMES: [&'static str; 4] = ["final", "refused", "failed", "malformed"];
+
+    /// Creates every series with a known label set at zero, so dashboards
+    /// and alerts see them before the first event.
+    pub fn init_series(&self, jurisdictions: &[String]) {
+        for outcome in Self::UTTERANCE_OUTCOMES {
+            let _ = self.utterances.get_or_create(&OutcomeLabel { outcome });
+        }
+        for outcome in Self::JOB_OUTCOMES {
+            let _ = self.jobs.get_or_create(&OutcomeLabel { outcome });
+        }
+        for jurisdiction in jurisdictions {
+            for layer in ["ingress", "worker"] {
+                let _ = self.residency_refusals.get_or_create(&JurisdictionLabel {
+                    jurisdiction: jurisdiction.clone(),
+                    layer,
+                });
+            }
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -116,5 +149,26 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use earshot_common::telemetry::{documented_metric_names, exported_metric_names};
+
+    #[test]
+    fn exports_exactly_what_docs_metrics_md_lists() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+                .unwrap();
+        let metrics = super::Metrics::new();
+        metrics.init_series(&["eu".to_owned()]);
+        let exported = exported_metric_names(&metrics.render());
+        let documented = documented_metric_names(&doc, "earshot_regional_");
+        assert!(!exported.is_empty());
+        assert_eq!(
+            exported, documented,
+            "docs/metrics.md and the regional's exports differ"
+        );
     }
 }

@@ -45,14 +45,14 @@ pub struct Job {
     pub audio: Bytes,
     /// SHA-256 of `audio`, as the edge computed it.
     pub audio_sha256: [u8; 32],
-    /// Unix time of enqueueing, in milliseconds.
-    pub enqueued_ms: u64,
+    /// Unix time of enqueueing, in microseconds.
+    pub enqueued_us: u64,
 }
 
-pub fn unix_ms() -> u64 {
+pub fn unix_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
 }
 
@@ -71,7 +71,7 @@ impl Job {
             ("language", h.language.clone().into_bytes()),
             ("sample_rate", h.sample_rate.to_string().into_bytes()),
             ("sha256", hex(&self.audio_sha256).into_bytes()),
-            ("enqueued_ms", self.enqueued_ms.to_string().into_bytes()),
+            ("enqueued_us", self.enqueued_us.to_string().into_bytes()),
             ("audio", self.audio.to_vec()),
         ]
     }
@@ -108,7 +108,7 @@ impl Job {
                     .map_err(|_| "sample rate out of range")?,
             },
             audio_sha256: unhex(&text("sha256")?).ok_or("field sha256 is not 32 hex bytes")?,
-            enqueued_ms: number("enqueued_ms")?,
+            enqueued_us: number("enqueued_us")?,
             audio: Bytes::from(bytes("audio")?),
         })
     }
@@ -271,7 +271,7 @@ mod tests {
             },
             audio: Bytes::from_static(&[0, 1, 2, 255]),
             audio_sha256: [7; 32],
-            enqueued_ms: 1234,
+            enqueued_us: 1234,
         }
     }
 

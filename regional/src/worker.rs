@@ -173,8 +173,8 @@ async fn process(
     };
     let span = tracing::info_span!("job", entry = %entry.id, utterance = job.header.utterance);
     async move {
-        let queued = queue::unix_ms().saturating_sub(job.enqueued_ms);
-        ctx.metrics.queue_wait.observe(queued as f64 / 1000.0);
+        let queued = queue::unix_us().saturating_sub(job.enqueued_us);
+        ctx.metrics.queue_wait.observe(queued as f64 / 1e6);
 
         let (frame, outcome) = answer(ctx, model, &job, queued).await;
         let mut payload = BytesMut::from(&job.request[..]);
@@ -198,7 +198,7 @@ async fn answer(
     ctx: &WorkerContext,
     model: &SharedModel,
     job: &Job,
-    queued_ms: u64,
+    queued_us: u64,
 ) -> (Frame, &'static str) {
     let utterance = job.header.utterance;
     let refuse = |code: ErrorCode, message: String| {
@@ -271,8 +271,8 @@ async fn answer(
                 region: ctx.region.clone(),
                 model: ctx.model_id.clone(),
                 audio_sha256: sha,
-                queue_ms: u32::try_from(queued_ms).unwrap_or(u32::MAX),
-                inference_ms: u32::try_from(took.as_millis()).unwrap_or(u32::MAX),
+                queue_us: u32::try_from(queued_us).unwrap_or(u32::MAX),
+                inference_us: u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
             });
             (frame, "final")
         }
