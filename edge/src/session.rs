@@ -269,11 +269,16 @@ impl Session {
                     if self.deliver(&mut socket, done).await.is_err() {
                         break End::Gone;
                     }
+                    // While reading was paused for backpressure the client
+                    // was not idle: its idle time starts now.
+                    if !can_read {
+                        idle_timer.as_mut().reset(Instant::now() + idle);
+                    }
                 }
                 _ = edge.shutdown.cancelled() => {
                     break End::Close(close::GOING_AWAY, "edge shutting down");
                 }
-                _ = &mut idle_timer => {
+                _ = &mut idle_timer, if can_read => {
                     let msg = format!("no frame for {} ms: the session is closed", idle.as_millis());
                     if self.send_error(&mut socket, ClientErrorCode::IdleTimeout, msg, true).await.is_err() {
                         break End::Gone;
