@@ -5,6 +5,7 @@
 
 pub mod generate;
 pub mod mel;
+pub mod quantize;
 pub mod whisper;
 
 pub use generate::{TestModelSpec, generate_test_model};

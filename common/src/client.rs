@@ -41,7 +41,8 @@ pub struct FinalMessage {
     /// SHA-256 (hex) of the 16 kHz s16le PCM the region transcribed.
     pub audio_sha256: String,
     /// Milliseconds from the end of the utterance (the VAD's cut) to its
-    /// final reaching the edge.
+    /// final reaching the edge (finals of later utterances may then wait
+    /// for earlier ones, to keep their order).
     pub latency_ms: f64,
     /// Of which the utterance waited in the region's queue...
     pub queue_ms: f64,

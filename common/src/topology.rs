@@ -76,6 +76,24 @@ pub enum TopologyError {
     },
     #[error("no edge named {0:?} in the topology")]
     UnknownEdge(String),
+    #[error(
+        "region {region:?} has an invalid bucket name {bucket:?}: use 3-63 lowercase letters, digits, '-' and '.'"
+    )]
+    InvalidBucket { region: String, bucket: String },
+    #[error("regions {first:?} and {second:?} share the registry bucket {bucket:?}")]
+    SharedBucket {
+        first: String,
+        second: String,
+        bucket: String,
+    },
+    #[error("[registry.home] {residency:?} = {region:?}: {problem}")]
+    InvalidHome {
+        residency: String,
+        region: String,
+        problem: &'static str,
+    },
+    #[error("[registry.home] must name a region for \"global\" models")]
+    NoGlobalHome,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +105,21 @@ struct RawTopology {
     regions: Vec<RawRegion>,
     #[serde(default, rename = "edge")]
     edges: Vec<Edge>,
+    registry: Option<Registry>,
+}
+
+/// Where the model registry lives: an S3 endpoint, and the region whose
+/// bucket is the home (publication target) for each residency. A model of
+/// residency `eu` is published to the `eu` home and replicated only to
+/// regions of jurisdiction `eu`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// S3 endpoint URL for every bucket (e.g. the embedded server); omit
+    /// to use AWS's endpoints.
+    pub endpoint: Option<String>,
+    /// Residency (`global` or a jurisdiction) → home region.
+    pub home: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +129,7 @@ struct RawRegion {
     jurisdiction: String,
     quic: String,
     tls_name: Option<String>,
+    bucket: Option<String>,
 }
 
 /// A legal area whose rules decide where audio may be processed.
@@ -119,6 +153,9 @@ pub struct Region {
     /// The DNS name the region's certificate is issued for; defaults to the
     /// region name.
     pub tls_name: String,
+    /// The region's model registry bucket; defaults to
+    /// `earshot-models-<name>`.
+    pub bucket: String,
 }
 
 /// An edge node: where clients connect. Sessions take the edge's jurisdiction.
@@ -138,6 +175,7 @@ pub struct Topology {
     jurisdictions: Vec<Jurisdiction>,
     regions: Vec<Region>,
     edges: Vec<Edge>,
+    registry: Option<Registry>,
 }
 
 impl Topology {
@@ -159,6 +197,9 @@ impl Topology {
             .into_iter()
             .map(|r| Region {
                 tls_name: r.tls_name.unwrap_or_else(|| r.name.clone()),
+                bucket: r
+                    .bucket
+                    .unwrap_or_else(|| format!("earshot-models-{}", r.name)),
                 name: r.name,
                 jurisdiction: r.jurisdiction,
                 quic: r.quic,
@@ -168,6 +209,7 @@ impl Topology {
             jurisdictions: raw.jurisdictions,
             regions,
             edges: raw.edges,
+            registry: raw.registry,
         };
         topology.validate()?;
         Ok(topology)
@@ -201,6 +243,26 @@ impl Topology {
                 });
             }
             endpoints.push((&region.name, &region.quic));
+            if !is_valid_bucket(&region.bucket) {
+                return Err(TopologyError::InvalidBucket {
+                    region: region.name.clone(),
+                    bucket: region.bucket.clone(),
+                });
+            }
+            if let Some(first) = self
+                .regions
+                .iter()
+                .find(|r| r.bucket == region.bucket && r.name != region.name)
+            {
+                return Err(TopologyError::SharedBucket {
+                    first: first.name.clone(),
+                    second: region.name.clone(),
+                    bucket: region.bucket.clone(),
+                });
+            }
+        }
+        if let Some(registry) = &self.registry {
+            self.validate_registry(registry)?;
         }
 
         for edge in &self.edges {
@@ -237,6 +299,33 @@ impl Topology {
         Ok(())
     }
 
+    fn validate_registry(&self, registry: &Registry) -> Result<(), TopologyError> {
+        if !registry.home.contains_key(crate::manifest::GLOBAL) {
+            return Err(TopologyError::NoGlobalHome);
+        }
+        for (residency, region) in &registry.home {
+            let invalid = |problem| TopologyError::InvalidHome {
+                residency: residency.clone(),
+                region: region.clone(),
+                problem,
+            };
+            let Some(r) = self.region(region) else {
+                return Err(invalid("no such region"));
+            };
+            if residency != crate::manifest::GLOBAL {
+                if self.jurisdiction(residency).is_none() {
+                    return Err(invalid("the key must be \"global\" or a jurisdiction"));
+                }
+                if r.jurisdiction != *residency {
+                    return Err(invalid(
+                        "the home of a residency must be a region of that jurisdiction",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn require_jurisdiction(
         &self,
         kind: &'static str,
@@ -263,6 +352,29 @@ impl Topology {
 
     pub fn edges(&self) -> &[Edge] {
         &self.edges
+    }
+
+    pub fn registry(&self) -> Option<&Registry> {
+        self.registry.as_ref()
+    }
+
+    /// May a model of `residency` (`global` or a jurisdiction) be stored
+    /// and run in `region`? Fails closed for unknown residencies.
+    pub fn may_hold_model(&self, residency: &str, region: &Region) -> bool {
+        residency == crate::manifest::GLOBAL
+            || (self.jurisdiction(residency).is_some() && region.jurisdiction == residency)
+    }
+
+    /// The home region of models of `residency`: its own entry in
+    /// `[registry.home]`, else the global home when that is allowed to hold
+    /// them. `None` when there is no registry or no permitted home.
+    pub fn registry_home(&self, residency: &str) -> Option<&Region> {
+        let home = &self.registry.as_ref()?.home;
+        let name = home
+            .get(residency)
+            .or_else(|| home.get(crate::manifest::GLOBAL))?;
+        self.region(name)
+            .filter(|r| self.may_hold_model(residency, r))
     }
 
     pub fn jurisdiction(&self, name: &str) -> Option<&Jurisdiction> {
@@ -336,6 +448,17 @@ pub fn is_valid_name(name: &str) -> bool {
         && bytes
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+/// S3 bucket naming rules (the portable subset).
+fn is_valid_bucket(name: &str) -> bool {
+    let b = name.as_bytes();
+    (3..=63).contains(&b.len())
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && !name.contains("..")
 }
 
 fn is_host_port(endpoint: &str) -> bool {
@@ -576,6 +699,51 @@ mod tests {
             with("[[region]]\nname = \"r2\"\njurisdiction = \"us\"\nquic = \"[::1]:7409\"\n")
                 .is_ok()
         );
+    }
+
+    const REGISTRY: &str = r#"
+        [registry]
+        endpoint = "http://127.0.0.1:9000"
+        [registry.home]
+        global = "us-east"
+        eu = "eu-west"
+    "#;
+
+    #[test]
+    fn registry_homes_follow_residency() {
+        let t = with(REGISTRY).unwrap();
+        assert_eq!(t.registry_home("global").unwrap().name, "us-east");
+        assert_eq!(t.registry_home("eu").unwrap().name, "eu-west");
+        // A residency without its own home falls back to the global home
+        // only where that may hold it: `us` models may live in us-east...
+        assert_eq!(t.registry_home("us").unwrap().name, "us-east");
+        // ...but an unknown residency has no home at all.
+        assert!(t.registry_home("mars").is_none());
+        let eu_west = t.region("eu-west").unwrap();
+        let us_east = t.region("us-east").unwrap();
+        assert!(t.may_hold_model("eu", eu_west) && !t.may_hold_model("eu", us_east));
+        assert!(t.may_hold_model("global", us_east));
+        assert_eq!(eu_west.bucket, "earshot-models-eu-west");
+    }
+
+    #[test]
+    fn registry_homes_are_validated() {
+        let bad = REGISTRY.replace("eu = \"eu-west\"", "eu = \"us-east\"");
+        assert!(matches!(with(&bad), Err(TopologyError::InvalidHome { .. })));
+        let bad = REGISTRY.replace("global = \"us-east\"", "");
+        assert_eq!(with(&bad), Err(TopologyError::NoGlobalHome));
+        let bad = REGISTRY.replace("eu = \"eu-west\"", "eu = \"nowhere\"");
+        assert!(matches!(with(&bad), Err(TopologyError::InvalidHome { .. })));
+        let shared = "[[region]]\nname = \"r2\"\njurisdiction = \"us\"\nquic = \"127.0.0.1:9\"\nbucket = \"earshot-models-us-east\"\n";
+        assert!(matches!(
+            with(shared),
+            Err(TopologyError::SharedBucket { .. })
+        ));
+        let badname = "[[region]]\nname = \"r2\"\njurisdiction = \"us\"\nquic = \"127.0.0.1:9\"\nbucket = \"Models_R2\"\n";
+        assert!(matches!(
+            with(badname),
+            Err(TopologyError::InvalidBucket { .. })
+        ));
     }
 
     #[test]

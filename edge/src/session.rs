@@ -134,7 +134,9 @@ fn truncate(s: &str) -> String {
 struct Outcome {
     number: u32,
     segment: Segment,
-    cut_at: Instant,
+    /// From the cut to the region's answer (not to delivery, which waits
+    /// for earlier utterances).
+    latency: Duration,
     result: Result<Answer, UplinkError>,
 }
 
@@ -481,7 +483,7 @@ impl Session {
                 Outcome {
                     number,
                     segment,
-                    cut_at,
+                    latency: cut_at.elapsed(),
                     result,
                 }
             }
@@ -518,7 +520,7 @@ impl Session {
                         outcome: "final",
                     })
                     .inc();
-                let latency = outcome.cut_at.elapsed();
+                let latency = outcome.latency;
                 metrics
                     .utterance_latency
                     .get_or_create(&RegionLabel {
