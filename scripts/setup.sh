@@ -3,7 +3,8 @@
 # root. Idempotent: every step checks first and does nothing when done.
 #   - Debian packages: redis-server, espeak-ng, sox, python3 with venv
 #   - .venv: the onnxruntime and silero-vad wheels (ONNX Runtime's library
-#     and the Silero VAD model come from there)
+#     and the Silero VAD model come from there), and awscli (a second S3
+#     client the registry's tests read the registry with)
 #   - .cache/models/whisper-test: the generated test Whisper model
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,11 @@ fi
 if ! .venv/bin/python -c "import importlib.metadata as m; assert m.version('silero-vad') == '$SILERO_VAD_VERSION'" 2>/dev/null; then
   say "installing silero-vad==$SILERO_VAD_VERSION (model only, --no-deps)"
   .venv/bin/pip install -q --disable-pip-version-check --no-deps "silero-vad==$SILERO_VAD_VERSION"
+fi
+
+if [ ! -x .venv/bin/aws ]; then
+  say "installing awscli (an independent S3 client for the registry's tests)"
+  .venv/bin/pip install -q --disable-pip-version-check awscli
 fi
 
 # 4. The generated test model (seeded: the same bytes every time).

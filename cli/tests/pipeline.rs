@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use earshot_asr::{EncoderWindow, WhisperModel};
 use earshot_cli::client::{self, StreamOptions, Transcript};
+use earshot_cli::cluster::Cluster;
 use earshot_cli::speech::{self, Speech};
 use earshot_common::client::{ClientErrorCode, ServerMessage, hex};
 use futures::{SinkExt, StreamExt};
@@ -378,4 +379,124 @@ async fn redis_down_gives_each_utterance_an_error_not_a_hang() {
         "{readyz}"
     );
     cluster.stop().await.unwrap();
+}
+
+/// The registry feeding a running regional node: the sync agent switches
+/// `current`, and the node's next final names the new version, no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_region_answers_with_a_newly_promoted_model_version() {
+    use earshot_asr::{TestModelSpec, generate_test_model};
+    use earshot_common::manifest::Rollout;
+    use earshot_registry::publish::{self, PublishRequest, Transfer};
+    use earshot_registry::replicate::{self, Selection};
+    use earshot_registry::server::EmbeddedS3;
+    use earshot_registry::store::S3Settings;
+    use earshot_registry::sync::{Agent, Poll, SyncConfig};
+    use earshot_registry::{Registry, channels, metrics::SyncMetrics};
+
+    let scratch = tempfile::tempdir().unwrap();
+    let s3 = EmbeddedS3::start(
+        &scratch.path().join("s3"),
+        "127.0.0.1:0".parse().unwrap(),
+        "k",
+        "secret-key",
+    )
+    .await
+    .unwrap();
+    let topology = format!(
+        "[[jurisdiction]]\nname = \"eu\"\nstrict = true\n[[region]]\nname = \"eu-west\"\njurisdiction = \"eu\"\nquic = \"127.0.0.1:1\"\n[registry]\nendpoint = \"{}\"\n[registry.home]\nglobal = \"eu-west\"\n",
+        s3.endpoint()
+    );
+    let settings = S3Settings {
+        endpoint: Some(s3.endpoint()),
+        region: "us-east-1".into(),
+        access_key: "k".into(),
+        secret_key: "secret-key".into(),
+    };
+    let registry = Registry::new(
+        std::sync::Arc::new(earshot_common::topology::Topology::from_toml_str(&topology).unwrap()),
+        &settings,
+    )
+    .unwrap();
+    registry.ensure_buckets().await.unwrap();
+    let transfer = Transfer::new(scratch.path().join("state"));
+    for (version, seed) in [("1", 11), ("2", 22)] {
+        let dir = scratch.path().join(format!("src-{version}"));
+        generate_test_model(
+            &dir,
+            &TestModelSpec {
+                seed,
+                ..TestModelSpec::TEST
+            },
+        )
+        .unwrap();
+        let req = PublishRequest::new(dir, "whisper", version, "global");
+        publish::publish(&registry, &req, &transfer).await.unwrap();
+    }
+    replicate::replicate(&registry, &Selection::default(), &transfer)
+        .await
+        .unwrap();
+    let all = Rollout {
+        percent: 100,
+        regions: vec![],
+    };
+    channels::promote(&registry, "whisper", "stable", "1", all.clone(), "test")
+        .await
+        .unwrap();
+
+    let models_dir = scratch.path().join("node-models");
+    let config: SyncConfig = toml::from_str(&format!(
+        "node = \"eu-west-0\"\nregion = \"eu-west\"\ntopology = \"unused\"\nmodel = \"whisper\"\nmodels_dir = {:?}\n",
+        models_dir
+    ))
+    .unwrap();
+    let mut agent = Agent::new(config, &registry, std::sync::Arc::new(SyncMetrics::new())).unwrap();
+    assert!(matches!(
+        agent.poll_once().await.unwrap(),
+        Poll::Activated { .. }
+    ));
+
+    // The region's workers load whatever `current` points at.
+    let cluster = Cluster::single(&models_dir.join("current"), "")
+        .await
+        .unwrap();
+    let speech = speech::synthesize(&SENTENCES[..1], 1.0, 0.5, cluster.dir.path()).unwrap();
+    let url = cluster.listen_url("edge-fra", "");
+    let first = stream(&url, &speech).await;
+    assert_eq!(first.finals().len(), 1);
+    assert_eq!(first.finals()[0].model, "whisper@1");
+
+    channels::promote(&registry, "whisper", "stable", "2", all, "test")
+        .await
+        .unwrap();
+    assert_eq!(
+        agent.poll_once().await.unwrap(),
+        Poll::Activated {
+            version: "2".into(),
+            from: Some("1".into()),
+            cached: false
+        }
+    );
+    let second = stream(&url, &speech).await;
+    assert_eq!(second.finals().len(), 1);
+    assert_eq!(second.finals()[0].model, "whisper@2");
+    // A different model, so a different transcript of the same audio.
+    assert_eq!(
+        second.finals()[0].audio_sha256,
+        first.finals()[0].audio_sha256
+    );
+    assert_ne!(second.finals()[0].text, first.finals()[0].text);
+    let region = cluster
+        .metrics(cluster.region_http["eu-west"])
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &region,
+            r#"earshot_regional_model_reloads_total{outcome="ok"}"#
+        ),
+        Some(1.0)
+    );
+    cluster.stop().await.unwrap();
+    s3.stop().await;
 }

@@ -356,16 +356,18 @@ async fn a_job_left_pending_by_a_crashed_worker_is_claimed_and_answered() {
         region: "eu-west".into(),
         stream: stream.clone(),
         consumer: "healthy".into(),
-        model_id: "whisper-test".into(),
         topology: Arc::new(Topology::load(&cluster.deployment.topology_path()).unwrap()),
         metrics: metrics.clone(),
         claim_idle: Duration::from_millis(1000),
         client: client.clone(),
         publisher: manager,
     };
-    let model =
-        earshot_asr::WhisperModel::load(&support::test_model(), earshot_asr::EncoderWindow::Fit)
-            .unwrap();
+    let model = earshot_regional::model::ModelSlot::load(
+        &support::test_model(),
+        earshot_asr::EncoderWindow::Fit,
+        None,
+    )
+    .unwrap();
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker::run(ctx, model, stop.clone()));
 

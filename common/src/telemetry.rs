@@ -66,6 +66,27 @@ pub fn documented_metric_names(markdown: &str, prefix: &str) -> std::collections
         .collect()
 }
 
+/// Compares the metrics an exposition declares under `prefix` with those
+/// `docs/metrics.md` lists; `Err` says what differs. For each binary's test.
+pub fn check_metrics_documented(exposition: &str, prefix: &str) -> Result<(), String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md");
+    let doc = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let exported = exported_metric_names(exposition);
+    let documented = documented_metric_names(&doc, prefix);
+    if exported.is_empty() {
+        return Err(format!("nothing exported under {prefix}"));
+    }
+    let undocumented: Vec<_> = exported.difference(&documented).collect();
+    let missing: Vec<_> = documented.difference(&exported).collect();
+    if undocumented.is_empty() && missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "docs/metrics.md is out of date: exported but not documented {undocumented:?}; documented but not exported {missing:?}"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,7 +51,8 @@ pub struct WorkerConfig {
     /// Whisper model directory (`config.json`, `model.safetensors`,
     /// `tokenizer.json`). Set `count = 0` to run an ingress-only node.
     pub model: PathBuf,
-    /// Model id reported in finals; defaults to the directory name.
+    /// Model id reported in finals; defaults to `name@version` from the
+    /// directory's manifest.json, else the directory name.
     pub model_id: Option<String>,
     /// ASR workers in this process (each loads the model once).
     #[serde(default = "d_workers")]
@@ -167,17 +168,6 @@ impl RegionalConfig {
             return bad("worker.claim_idle_ms must be at least 1000");
         }
         Ok(())
-    }
-
-    /// The model id reported in finals.
-    pub fn model_id(&self) -> String {
-        self.worker.model_id.clone().unwrap_or_else(|| {
-            self.worker
-                .model
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "whisper".into())
-        })
     }
 
     pub fn max_audio_bytes(&self) -> usize {

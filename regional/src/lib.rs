@@ -10,6 +10,7 @@
 pub mod config;
 pub mod ingress;
 pub mod metrics;
+pub mod model;
 pub mod queue;
 pub mod worker;
 
@@ -21,7 +22,6 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use earshot_asr::WhisperModel;
 use earshot_common::topology::Topology;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
@@ -62,7 +62,7 @@ pub struct Regional {
     server: quinn::ServerConfig,
     client: redis::Client,
     redis: ConnectionManager,
-    models: Vec<WhisperModel>,
+    models: Vec<model::ModelSlot>,
     router: Arc<ResultRouter>,
     shutdown: CancellationToken,
 }
@@ -107,7 +107,13 @@ impl Regional {
         let redis = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(|e| StartError::Redis(e.to_string()))?;
         let models = (0..config.worker.count)
-            .map(|_| WhisperModel::load(&config.worker.model, config.worker.encoder_window))
+            .map(|_| {
+                model::ModelSlot::load(
+                    &config.worker.model,
+                    config.worker.encoder_window,
+                    config.worker.model_id.clone(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let ingress_id = uuid::Uuid::new_v4().simple().to_string();
         let router = ResultRouter::new(queue::results_channel(&config.region, &ingress_id));
@@ -182,7 +188,6 @@ impl Regional {
                 region: region.clone(),
                 stream: stream.clone(),
                 consumer: format!("{host}-{}-{i}", std::process::id()),
-                model_id: self.config.model_id(),
                 topology: self.topology.clone(),
                 metrics: self.metrics.clone(),
                 claim_idle: Duration::from_millis(self.config.worker.claim_idle_ms),

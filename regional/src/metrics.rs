@@ -35,6 +35,7 @@ pub struct Metrics {
     pub queue_wait: Histogram,
     pub inference: Histogram,
     pub result_wait: Histogram,
+    pub model_reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -56,6 +57,7 @@ impl Metrics {
             queue_wait: seconds_histogram(),
             inference: seconds_histogram(),
             result_wait: seconds_histogram(),
+            model_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -103,6 +105,11 @@ impl Metrics {
             "Time from XADD to the result reaching the ingress",
             m.result_wait.clone(),
         );
+        registry.register(
+            "model_reloads",
+            "Switches to a new model version found at worker.model, by outcome (ok, failed: the old model keeps serving)",
+            m.model_reloads.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -129,6 +136,9 @@ impl Metrics {
         for outcome in Self::JOB_OUTCOMES {
             let _ = self.jobs.get_or_create(&OutcomeLabel { outcome });
         }
+        for outcome in ["ok", "failed"] {
+            let _ = self.model_reloads.get_or_create(&OutcomeLabel { outcome });
+        }
         for jurisdiction in jurisdictions {
             for layer in ["ingress", "worker"] {
                 let _ = self.residency_refusals.get_or_create(&JurisdictionLabel {
@@ -154,21 +164,11 @@ impl Default for Metrics {
 
 #[cfg(test)]
 mod tests {
-    use earshot_common::telemetry::{documented_metric_names, exported_metric_names};
-
     #[test]
     fn exports_exactly_what_docs_metrics_md_lists() {
-        let doc =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
-                .unwrap();
         let metrics = super::Metrics::new();
         metrics.init_series(&["eu".to_owned()]);
-        let exported = exported_metric_names(&metrics.render());
-        let documented = documented_metric_names(&doc, "earshot_regional_");
-        assert!(!exported.is_empty());
-        assert_eq!(
-            exported, documented,
-            "docs/metrics.md and the regional's exports differ"
-        );
+        earshot_common::telemetry::check_metrics_documented(&metrics.render(), "earshot_regional_")
+            .unwrap();
     }
 }

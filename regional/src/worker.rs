@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use earshot_asr::WhisperModel;
 use earshot_common::audio::s16le_to_f32;
 use earshot_common::retry::Backoff;
 use earshot_common::topology::Topology;
@@ -25,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::{JurisdictionLabel, Metrics, OutcomeLabel};
+use crate::model::ModelSlot;
 use crate::queue::{self, GROUP, Job};
 
 /// How long one XREADGROUP blocks; bounds how late a worker notices
@@ -37,7 +37,6 @@ pub struct WorkerContext {
     pub region: String,
     pub stream: String,
     pub consumer: String,
-    pub model_id: String,
     pub topology: Arc<Topology>,
     pub metrics: Arc<Metrics>,
     pub claim_idle: Duration,
@@ -59,10 +58,10 @@ pub async fn ensure_group(
 }
 
 /// A model shared between a worker and its blocking inference task.
-pub type SharedModel = Arc<Mutex<WhisperModel>>;
+pub type SharedModel = Arc<Mutex<ModelSlot>>;
 
 /// Runs one worker until `shutdown`; the job in hand is finished first.
-pub async fn run(ctx: WorkerContext, model: WhisperModel, shutdown: CancellationToken) {
+pub async fn run(ctx: WorkerContext, model: ModelSlot, shutdown: CancellationToken) {
     let model: SharedModel = Arc::new(Mutex::new(model));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     while !shutdown.is_cancelled() {
@@ -243,11 +242,23 @@ async fn answer(
     let started = Instant::now();
     // Inference is CPU-bound: keep it off the async workers.
     let model = model.clone();
+    let metrics = ctx.metrics.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let mut model = model
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        model.transcribe(&pcm, language.as_deref())
+        let mut slot = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A new model version (the sync agent switched `current`) takes
+        // over from this job on.
+        match slot.refresh() {
+            Some(Ok(id)) => {
+                metrics.model_reloads.get_or_create(&OutcomeLabel { outcome: "ok" }).inc();
+                tracing::info!(model = %id, "switched to a new model version");
+            }
+            Some(Err(e)) => {
+                metrics.model_reloads.get_or_create(&OutcomeLabel { outcome: "failed" }).inc();
+                tracing::error!(error = %e, model = %slot.id(), "new model version failed to load; keeping the current one");
+            }
+            None => {}
+        }
+        slot.transcribe(&pcm, language.as_deref()).map(|t| (t, slot.id().to_owned()))
     })
     .await;
     let took = started.elapsed();
@@ -258,7 +269,7 @@ async fn answer(
     });
     ctx.metrics.inference.observe(took.as_secs_f64());
     match result {
-        Ok(t) => {
+        Ok((t, model_id)) => {
             tracing::info!(
                 inference_ms = took.as_millis() as u64,
                 tokens = t.tokens.len(),
@@ -269,7 +280,7 @@ async fn answer(
                 utterance,
                 text: t.text,
                 region: ctx.region.clone(),
-                model: ctx.model_id.clone(),
+                model: model_id,
                 audio_sha256: sha,
                 queue_us: u32::try_from(queued_us).unwrap_or(u32::MAX),
                 inference_us: u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
