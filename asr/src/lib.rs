@@ -1,5 +1,5 @@
-//! Speech recognition with Whisper on candle: the mel filterbank (computed,
-//! not copied), loading published Whisper weights (`config.json`,
+//! Speech recognition with Whisper on candle: the log-mel front end and its
+//! filterbank (computed, not copied), loading published Whisper weights (`config.json`,
 //! `model.safetensors`, `tokenizer.json`), greedy transcription, and seeded
 //! test models in that same layout for machines without a model hub.
 

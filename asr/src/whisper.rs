@@ -77,7 +77,7 @@ pub struct WhisperModel {
     model: Whisper,
     tokenizer: Tokenizer,
     tokens: SpecialTokens,
-    filters: Vec<f32>,
+    front: mel::LogMel,
     suppress: Tensor,
     /// `suppress`, and end-of-text too: Whisper never ends on the first
     /// token ("suppress blank").
@@ -186,7 +186,7 @@ impl WhisperModel {
         let suppress = suppress_mask(&config, &tokenizer, &tokens, &[], &device)?;
         let suppress_first = suppress_mask(&config, &tokenizer, &tokens, &[tokens.eot], &device)?;
         Ok(WhisperModel {
-            filters: mel::filterbank(config.num_mel_bins),
+            front: mel::LogMel::new(config.num_mel_bins),
             model,
             tokenizer,
             tokens,
@@ -258,19 +258,17 @@ impl WhisperModel {
 
     fn mel(&self, pcm: &[f32]) -> Result<Tensor, AsrError> {
         let n_mels = self.model.config.num_mel_bins;
-        let mel = whisper::audio::pcm_to_mel(&self.model.config, pcm, &self.filters);
-        let available = mel.len() / n_mels;
-        let mel = Tensor::from_vec(mel, (1, n_mels, available), &self.device)?;
         let max_frames = 2 * self.model.config.max_source_positions;
         let frames = match self.window {
             EncoderWindow::Full => max_frames,
             // Frames the audio covers, rounded up to the conv stride of 2.
             EncoderWindow::Fit => {
-                let covered = pcm.len().div_ceil(whisper::HOP_LENGTH).max(2);
+                let covered = pcm.len().div_ceil(mel::HOP).max(2);
                 (covered + covered % 2).min(max_frames)
             }
         };
-        Ok(mel.narrow(2, 0, frames.min(available))?)
+        let mel = self.front.compute(pcm, frames);
+        Ok(Tensor::from_vec(mel, (1, n_mels, frames), &self.device)?)
     }
 
     fn detect_language(&mut self, features: &Tensor) -> Result<(String, u32), AsrError> {

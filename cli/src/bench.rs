@@ -163,3 +163,307 @@ mod tests {
         assert!(summarize(&[]).median.is_nan());
     }
 }
+
+/// `earshot bench registry`: publish and sync throughput for a large model
+/// against the embedded S3 server, and the time from `promote` (and
+/// `rollback`) until three regions' sync agents have switched.
+pub mod registry {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context;
+    use earshot_asr::{TestModelSpec, generate_test_model};
+    use earshot_common::manifest::Rollout;
+    use earshot_common::topology::Topology;
+    use earshot_registry::metrics::SyncMetrics;
+    use earshot_registry::publish::{self, PublishRequest, Transfer};
+    use earshot_registry::replicate::{self, Selection};
+    use earshot_registry::server::EmbeddedS3;
+    use earshot_registry::store::S3Settings;
+    use earshot_registry::sync::{Agent, SyncConfig};
+    use earshot_registry::{Registry, channels, validate};
+    use tokio_util::sync::CancellationToken;
+
+    const REGIONS: [(&str, &str); 3] = [("eu-west", "eu"), ("eu-central", "eu"), ("us-east", "us")];
+
+    fn mb_per_s(bytes: u64, took: Duration) -> f64 {
+        bytes as f64 / 1e6 / took.as_secs_f64()
+    }
+
+    fn topology(endpoint: &str) -> String {
+        let mut t = String::from(
+            "[[jurisdiction]]\nname = \"eu\"\nstrict = true\n[[jurisdiction]]\nname = \"us\"\n",
+        );
+        for (i, (name, j)) in REGIONS.iter().enumerate() {
+            t.push_str(&format!(
+                "[[region]]\nname = \"{name}\"\njurisdiction = \"{j}\"\nquic = \"127.0.0.1:{}\"\n",
+                7400 + i
+            ));
+        }
+        t.push_str(&format!(
+            "[registry]\nendpoint = \"{endpoint}\"\n[registry.home]\nglobal = \"us-east\"\neu = \"eu-west\"\n"
+        ));
+        t
+    }
+
+    fn agent(
+        registry: &Registry,
+        work: &Path,
+        region: &str,
+        poll_ms: u64,
+    ) -> anyhow::Result<Agent> {
+        let mut config = SyncConfig::new(
+            &format!("{region}-0"),
+            region,
+            "whisper",
+            work.join("nodes").join(region),
+        );
+        config.poll_interval_ms = poll_ms;
+        Ok(Agent::new(config, registry, Arc::new(SyncMetrics::new()))?)
+    }
+
+    /// Waits until every agent's `current` points at `version`; returns the
+    /// time each took from `since`.
+    async fn until_active(
+        work: &Path,
+        version: &str,
+        since: Instant,
+    ) -> anyhow::Result<Vec<Duration>> {
+        let mut done: Vec<Option<Duration>> = vec![None; REGIONS.len()];
+        let deadline = since + Duration::from_secs(120);
+        while done.iter().any(Option::is_none) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "agents did not switch within 120 s"
+            );
+            for (i, (region, _)) in REGIONS.iter().enumerate() {
+                let link = work.join("nodes").join(region).join("current");
+                if done[i].is_none()
+                    && std::fs::read_link(&link)
+                        .ok()
+                        .and_then(|t| t.file_name().map(|n| n == version))
+                        == Some(true)
+                {
+                    done[i] = Some(since.elapsed());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(done.into_iter().flatten().collect())
+    }
+
+    pub async fn run(size_mib: u64, poll_ms: u64, work: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(work)?;
+        let s3 = EmbeddedS3::start(
+            &work.join("s3"),
+            "127.0.0.1:0".parse()?,
+            "bench",
+            "bench-secret",
+        )
+        .await?;
+        let text = topology(&s3.endpoint());
+        let settings = S3Settings {
+            endpoint: Some(s3.endpoint()),
+            region: "us-east-1".into(),
+            access_key: "bench".into(),
+            secret_key: "bench-secret".into(),
+        };
+        let registry = Registry::new(Arc::new(Topology::from_toml_str(&text)?), &settings)?;
+        registry.ensure_buckets().await?;
+        let transfer = Transfer::new(work.join("state"));
+
+        // A Whisper-shaped model of about `size_mib`: 9 + 9 layers of width
+        // 1024 is ~1 GiB of f32 weights; scale the layer count to the size.
+        let layers = ((size_mib as f64 / 1024.0) * 9.0).round().max(1.0) as usize;
+        let spec = TestModelSpec {
+            d_model: 1024,
+            heads: 16,
+            encoder_layers: layers,
+            decoder_layers: layers,
+            bpe_vocab: 1000,
+            seed: 42,
+        };
+        let big = work.join("big");
+        if !big.join("model.safetensors").is_file() {
+            println!("generating a {layers}+{layers}-layer, width-1024 Whisper model ...");
+            generate_test_model(&big, &spec)?;
+        }
+        let files = validate::list_files(&big)?;
+        let bytes: u64 = files.iter().map(|f| f.size).sum();
+
+        // Baseline: a plain copy of the same bytes on the same disk.
+        let copy = work.join("copy.safetensors");
+        let _ = std::fs::remove_file(&copy);
+        let started = Instant::now();
+        std::fs::copy(big.join("model.safetensors"), &copy)?;
+        std::fs::File::open(&copy)?.sync_all()?;
+        let cp = started.elapsed();
+        std::fs::remove_file(&copy)?;
+
+        let started = Instant::now();
+        validate::validate(
+            &big,
+            &files,
+            earshot_common::manifest::Kind::Asr,
+            earshot_common::manifest::Format::Safetensors,
+        )?;
+        let validation = started.elapsed();
+
+        let started = Instant::now();
+        let report = publish::publish(
+            &registry,
+            &PublishRequest::new(&big, "whisper", "big", "global"),
+            &transfer,
+        )
+        .await?;
+        let published = started.elapsed();
+
+        let mut sync_agent = agent(&registry, work, "us-east", poll_ms)?;
+        channels::promote(
+            &registry,
+            "whisper",
+            "stable",
+            "big",
+            Rollout {
+                percent: 100,
+                regions: vec![],
+            },
+            "bench",
+        )
+        .await?;
+        let started = Instant::now();
+        sync_agent.poll_once().await.context("sync")?;
+        let synced = started.elapsed();
+        let started = Instant::now();
+        replicate::replicate(
+            &registry,
+            &Selection {
+                name: Some("whisper".into()),
+                version: Some("big".into()),
+                to: vec!["eu-west".into()],
+            },
+            &transfer,
+        )
+        .await?;
+        let replicated = started.elapsed();
+
+        println!(
+            "\n{} ({} files, {:.0} MB)",
+            report.manifest.id(),
+            report.manifest.files.len(),
+            bytes as f64 / 1e6
+        );
+        println!(
+            "  plain copy (cp + fsync)      {:>7.2} s  {:>7.0} MB/s",
+            cp.as_secs_f64(),
+            mb_per_s(bytes, cp)
+        );
+        println!(
+            "  publish (upload + hashes)    {:>7.2} s  {:>7.0} MB/s  ({:.2}x cp)",
+            published.as_secs_f64(),
+            mb_per_s(bytes, published),
+            cp.as_secs_f64() / published.as_secs_f64()
+        );
+        println!(
+            "    + validation (model load)  {:>7.2} s  (run before the upload)",
+            validation.as_secs_f64()
+        );
+        println!(
+            "  sync (download + verify)     {:>7.2} s  {:>7.0} MB/s  ({:.2}x cp)",
+            synced.as_secs_f64(),
+            mb_per_s(bytes, synced),
+            cp.as_secs_f64() / synced.as_secs_f64()
+        );
+        println!(
+            "  replicate to one region      {:>7.2} s  {:>7.0} MB/s",
+            replicated.as_secs_f64(),
+            mb_per_s(bytes, replicated)
+        );
+        drop(sync_agent);
+        let _ = std::fs::remove_dir_all(work.join("nodes"));
+
+        // Promote and roll back across three regions, each with its own
+        // bucket and agent polling every `poll_ms`.
+        for (version, seed) in [("1", 1), ("2", 2)] {
+            let dir = work.join(format!("small-{version}"));
+            generate_test_model(
+                &dir,
+                &TestModelSpec {
+                    seed,
+                    ..TestModelSpec::TEST
+                },
+            )?;
+            publish::publish(
+                &registry,
+                &PublishRequest::new(&dir, "whisper", version, "global"),
+                &transfer,
+            )
+            .await?;
+        }
+        replicate::replicate(&registry, &Selection::default(), &transfer).await?;
+        let all = Rollout {
+            percent: 100,
+            regions: vec![],
+        };
+        channels::promote(&registry, "whisper", "stable", "1", all.clone(), "bench").await?;
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        for (region, _) in REGIONS {
+            let a = agent(&registry, work, region, poll_ms)?;
+            tasks.push(tokio::spawn(a.run(stop.clone())));
+        }
+        until_active(work, "1", Instant::now()).await?;
+        let model_mb = validate::list_files(&work.join("small-2"))?
+            .iter()
+            .map(|f| f.size)
+            .sum::<u64>() as f64
+            / 1e6;
+
+        let mut promote_times = Vec::new();
+        let mut rollback_times = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            channels::promote(&registry, "whisper", "stable", "2", all.clone(), "bench").await?;
+            promote_times.push(
+                until_active(work, "2", started)
+                    .await?
+                    .into_iter()
+                    .max()
+                    .unwrap_or_default(),
+            );
+            let started = Instant::now();
+            channels::rollback(&registry, "whisper", "stable", "bench").await?;
+            rollback_times.push(
+                until_active(work, "1", started)
+                    .await?
+                    .into_iter()
+                    .max()
+                    .unwrap_or_default(),
+            );
+        }
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let secs = |v: &[Duration]| {
+            v.iter()
+                .map(|d| format!("{:.2}", d.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "\nthree regions, one agent each, polling every {poll_ms} ms, {model_mb:.1} MB model:"
+        );
+        println!(
+            "  promote -> all three active (s): {}",
+            secs(&promote_times)
+        );
+        println!(
+            "  rollback -> all three active (s): {}",
+            secs(&rollback_times)
+        );
+        s3.stop().await;
+        Ok(())
+    }
+}

@@ -82,6 +82,18 @@ enum BenchCmd {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Registry publish/sync throughput and promote/rollback times.
+    Registry {
+        /// Size of the model to publish.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// The sync agents' poll interval.
+        #[arg(long, default_value_t = 5000)]
+        poll_ms: u64,
+        /// Scratch directory (on the disk to measure).
+        #[arg(long, default_value = ".cache/bench-registry")]
+        workdir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +178,14 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             };
             bench::overhead(&model, utterances, speed).await
         }
+        Cmd::Bench {
+            command:
+                BenchCmd::Registry {
+                    size_mib,
+                    poll_ms,
+                    workdir,
+                },
+        } => bench::registry::run(size_mib, poll_ms, &workdir).await,
         Cmd::Certs { topology, out } => {
             let topology = Topology::load(&topology)?;
             certs::generate(&topology, &out)?;

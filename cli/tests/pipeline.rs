@@ -445,11 +445,7 @@ async fn a_running_region_answers_with_a_newly_promoted_model_version() {
         .unwrap();
 
     let models_dir = scratch.path().join("node-models");
-    let config: SyncConfig = toml::from_str(&format!(
-        "node = \"eu-west-0\"\nregion = \"eu-west\"\ntopology = \"unused\"\nmodel = \"whisper\"\nmodels_dir = {:?}\n",
-        models_dir
-    ))
-    .unwrap();
+    let config = SyncConfig::new("eu-west-0", "eu-west", "whisper", models_dir.clone());
     let mut agent = Agent::new(config, &registry, std::sync::Arc::new(SyncMetrics::new())).unwrap();
     assert!(matches!(
         agent.poll_once().await.unwrap(),

@@ -81,6 +81,23 @@ fn d_heartbeat() -> u64 {
 }
 
 impl SyncConfig {
+    /// A config with every default, following `stable` and `canary`.
+    pub fn new(node: &str, region: &str, model: &str, models_dir: PathBuf) -> Self {
+        SyncConfig {
+            node: node.to_owned(),
+            region: region.to_owned(),
+            topology: PathBuf::new(),
+            model: model.to_owned(),
+            channel: d_channel(),
+            canary_channel: d_canary(),
+            models_dir,
+            poll_interval_ms: d_poll(),
+            retention: d_retention(),
+            http_listen: None,
+            heartbeat_interval_ms: d_heartbeat(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, SyncError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| SyncError::Config(format!("{}: {e}", path.display())))?;

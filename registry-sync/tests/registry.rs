@@ -146,19 +146,13 @@ impl World {
     }
 
     fn agent(&self, node: &str, region: &str) -> Agent {
-        let config: SyncConfig = toml::from_str(&format!(
-            r#"
-            node = "{node}"
-            region = "{region}"
-            topology = "{}"
-            model = "whisper"
-            models_dir = "{}"
-            poll_interval_ms = 100
-            "#,
-            self.dir.path().join("topology.toml").display(),
-            self.dir.path().join("nodes").join(node).display()
-        ))
-        .unwrap();
+        let mut config = SyncConfig::new(
+            node,
+            region,
+            "whisper",
+            self.dir.path().join("nodes").join(node),
+        );
+        config.poll_interval_ms = 100;
         Agent::new(config, &self.registry, Arc::new(SyncMetrics::new())).unwrap()
     }
 
@@ -665,11 +659,7 @@ async fn s3_unreachable_keeps_the_model_and_reports_staleness() {
     let w = world().await;
     w.published(&[("1", 1)]).await;
     let metrics = Arc::new(SyncMetrics::new());
-    let config: SyncConfig = toml::from_str(&format!(
-        "node = \"n\"\nregion = \"eu-west\"\ntopology = \"x\"\nmodel = \"whisper\"\nmodels_dir = \"{}\"\n",
-        w.dir.path().join("nodes/n").display()
-    ))
-    .unwrap();
+    let config = SyncConfig::new("n", "eu-west", "whisper", w.dir.path().join("nodes/n"));
     let mut agent = Agent::new(config, &w.registry, metrics.clone()).unwrap();
     agent.poll_once().await.unwrap();
     w.server.stop().await;
