@@ -255,6 +255,11 @@ pub mod registry {
 
     pub async fn run(size_mib: u64, poll_ms: u64, work: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(work)?;
+        // Every run starts from empty buckets and nodes; only the generated
+        // model is kept between runs.
+        for stale in ["s3", "state", "nodes", "small-1", "small-2"] {
+            let _ = std::fs::remove_dir_all(work.join(stale));
+        }
         let s3 = EmbeddedS3::start(
             &work.join("s3"),
             "127.0.0.1:0".parse()?,

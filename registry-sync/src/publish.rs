@@ -162,6 +162,10 @@ pub enum PublishError {
     },
     #[error("{path} changed while it was being uploaded: publish again")]
     Changed { path: String },
+    #[error(
+        "model {name} is already published with residency {existing}: a name keeps one residency (its channels live in that residency's home); publish under another name"
+    )]
+    ResidencyMismatch { name: String, existing: String },
     #[error("interrupted; run the same command again to resume")]
     Cancelled,
     #[error("{0}")]
@@ -280,6 +284,18 @@ pub async fn publish(
     };
     if store.head(&manifest_key).await?.is_some() {
         return Err(exists());
+    }
+    for home in registry.homes() {
+        let other = registry.store(home);
+        if let Some(version) = crate::list_versions(&other, &req.name).await?.first()
+            && let Some(m) = crate::read_manifest(&other, &req.name, version).await?
+            && m.residency != req.residency
+        {
+            return Err(PublishError::ResidencyMismatch {
+                name: req.name.clone(),
+                existing: m.residency,
+            });
+        }
     }
     {
         let (dir, files, kind) = (req.dir.clone(), files.clone(), req.kind);

@@ -584,6 +584,20 @@ async fn an_eu_model_never_reaches_a_us_bucket_even_when_asked() {
     assert_eq!(updated.propagated, ["eu-west", "eu-central"]);
     assert!(objects_under(&w.store("us-east"), "").await.is_empty());
 
+    // The name keeps its residency: it cannot come back as a global model.
+    let dir2 = w.model("eu2", seeded(6));
+    let err = publish::publish(
+        &w.registry,
+        &w.request(&dir2, "eu-2", "global"),
+        &w.transfer(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, PublishError::ResidencyMismatch { .. }),
+        "{err}"
+    );
+
     // A US node following the model finds nothing to run.
     let mut us = w.agent("us-node", "us-east");
     assert_eq!(us.poll_once().await.unwrap(), Poll::NoChannel);
