@@ -463,7 +463,10 @@ async fn run(args: Args) -> Result<(), Failure> {
                         let what = match &i.outcome {
                             Outcome::Copied { bytes } => format!("copied {}", human_bytes(*bytes)),
                             Outcome::Present => "present".into(),
-                            Outcome::Refused { .. } => "refused: residency".into(),
+                            Outcome::Refused { requested: true } => {
+                                "refused: residency forbids it".into()
+                            }
+                            Outcome::Refused { requested: false } => "skipped: residency".into(),
                         };
                         vec![i.model.clone(), i.region.clone(), what]
                     })
