@@ -150,6 +150,10 @@ async fn the_ingress_refuses_what_residency_forbids_and_counts_it() {
     // An edge the topology does not know.
     let answer = exchange(&fra, &utterance(&header("us", "edge-mars"), &audio)).await;
     assert_eq!(code(answer), ErrorCode::ResidencyRefused);
+    // A jurisdiction nobody defined: refused, and counted as `unknown` (a
+    // peer cannot mint metric series).
+    let answer = exchange(&fra, &utterance(&header("atlantis", "edge-fra"), &audio)).await;
+    assert_eq!(code(answer), ErrorCode::ResidencyRefused);
     // Nothing was queued in the US.
     assert_eq!(stream_len(&cluster, "us-east"), 0);
 
@@ -174,9 +178,17 @@ async fn the_ingress_refuses_what_residency_forbids_and_counts_it() {
     assert_eq!(
         metric(
             &m,
+            r#"earshot_regional_residency_refusals_total{jurisdiction="unknown",layer="ingress"}"#
+        ),
+        Some(1.0)
+    );
+    assert!(!m.contains("atlantis"), "{m}");
+    assert_eq!(
+        metric(
+            &m,
             r#"earshot_regional_utterances_total{outcome="refused"}"#
         ),
-        Some(3.0)
+        Some(4.0)
     );
 
     // A US session may use the EU region (the US is not strict): it is

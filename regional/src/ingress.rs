@@ -249,7 +249,7 @@ impl Ingress {
         self.metrics
             .residency_refusals
             .get_or_create(&JurisdictionLabel {
-                jurisdiction: jurisdiction.chars().take(16).collect(),
+                jurisdiction: crate::metrics::jurisdiction_label(&self.topology, jurisdiction),
                 layer: "ingress",
             })
             .inc();

@@ -19,6 +19,18 @@ pub struct JurisdictionLabel {
     pub layer: &'static str,
 }
 
+/// A jurisdiction as a label value: one the topology knows, else
+/// `unknown`, so a peer cannot create series at will.
+pub fn jurisdiction_label(
+    topology: &earshot_common::topology::Topology,
+    jurisdiction: &str,
+) -> String {
+    match topology.jurisdiction(jurisdiction) {
+        Some(j) => j.name.clone(),
+        None => "unknown".to_owned(),
+    }
+}
+
 fn seconds_histogram() -> Histogram {
     // 1 ms .. ~65 s
     Histogram::new(exponential_buckets(0.001, 2.0, 17))

@@ -215,7 +215,10 @@ async fn answer(
         ctx.metrics
             .residency_refusals
             .get_or_create(&JurisdictionLabel {
-                jurisdiction: job.header.jurisdiction.clone(),
+                jurisdiction: crate::metrics::jurisdiction_label(
+                    &ctx.topology,
+                    &job.header.jurisdiction,
+                ),
                 layer: "worker",
             })
             .inc();
