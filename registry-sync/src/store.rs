@@ -430,19 +430,6 @@ impl Store {
         Ok((size, hasher.finalize().into()))
     }
 
-    /// A streaming body of an object, for copying between buckets.
-    pub async fn open(&self, key: &str) -> Result<ByteStream, StoreError> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| self.err(key, e))?;
-        Ok(out.body)
-    }
-
     pub async fn create_multipart(&self, key: &str) -> Result<String, StoreError> {
         let out = self
             .client
