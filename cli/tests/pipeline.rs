@@ -107,10 +107,18 @@ async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
     let entries: redis::streams::StreamRangeReply =
         redis::Commands::xrange_all(&mut conn, "earshot:eu-west:utterances").unwrap();
     assert_eq!(entries.ids.len(), SENTENCES.len());
-    for (f, entry) in finals.iter().zip(&entries.ids) {
+    for f in &finals {
         let segment = &pcm[2 * sample(f.start)..2 * sample(f.end)];
         let segment_hash = hex(&Sha256::digest(segment));
         assert_eq!(f.audio_sha256, segment_hash, "utterance {}", f.utterance);
+        // Utterances are sent concurrently, so the stream's order is not
+        // utterance order: find this one's entry by its field.
+        let number = f.utterance.to_string().into_bytes();
+        let entry = entries
+            .ids
+            .iter()
+            .find(|e| e.map.get("utterance") == Some(&redis::Value::BulkString(number.clone())))
+            .unwrap_or_else(|| panic!("no stream entry for utterance {}", f.utterance));
         let Some(redis::Value::BulkString(queued)) = entry.map.get("audio") else {
             panic!("no audio field in {entry:?}");
         };
