@@ -16,6 +16,7 @@ demo: setup
 
 test: setup
 	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace --all-targets
 
 lint:

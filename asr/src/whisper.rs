@@ -1,5 +1,6 @@
 //! Whisper on candle: load a model directory in the published layout and
-//! transcribe 16 kHz mono audio with greedy decoding.
+//! transcribe (or translate) 16 kHz mono audio with greedy decoding,
+//! language detection, and OpenAI's hallucination guards.
 //!
 //! A model directory holds `config.json`, `model.safetensors` and
 //! `tokenizer.json`, exactly as published for `openai/whisper-*`; the
@@ -7,12 +8,13 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_core::{Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::whisper::{self, Config, model::Whisper};
+use candle_transformers::models::whisper::{self, Config};
 use tokenizers::Tokenizer;
 
 use crate::mel;
+use crate::net::Net;
 
 /// Longest audio one call may transcribe: Whisper's window.
 pub const MAX_SECONDS: f64 = 30.0;
@@ -39,58 +41,254 @@ pub enum AsrError {
     Decode(String),
 }
 
-/// How much of Whisper's 30 s encoder window to run.
+/// How much of Whisper's 30 s encoder window to run. Written `full`, `fit`
+/// or `<seconds>s` (e.g. `10s`) in configuration and on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String", into = "String")]
 pub enum EncoderWindow {
     /// Always 30 s, zero-padded, as Whisper was trained. Slowest, and the
     /// most accurate with real weights.
     #[default]
     Full,
     /// Only the frames the audio covers (the positional embedding is sliced
-    /// to match). Far cheaper for short utterances.
+    /// to match). Far cheaper for short utterances, and far less accurate
+    /// on real weights.
     Fit,
+    /// The audio zero-padded to at least this many seconds (longer audio
+    /// gets the frames it covers), up to 30.
+    Padded(u8),
 }
 
-/// The result of one transcription.
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl std::str::FromStr for EncoderWindow {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(EncoderWindow::Full),
+            "fit" => Ok(EncoderWindow::Fit),
+            other => other
+                .strip_suffix('s')
+                .and_then(|n| n.parse::<u8>().ok())
+                .filter(|n| (1..=30).contains(n))
+                .map(EncoderWindow::Padded)
+                .ok_or_else(|| {
+                    format!("encoder window {other:?}: use full, fit, or 1s to 30s (e.g. 10s)")
+                }),
+        }
+    }
+}
+
+impl TryFrom<String> for EncoderWindow {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<EncoderWindow> for String {
+    fn from(w: EncoderWindow) -> String {
+        w.to_string()
+    }
+}
+
+impl std::fmt::Display for EncoderWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EncoderWindow::Full => f.write_str("full"),
+            EncoderWindow::Fit => f.write_str("fit"),
+            EncoderWindow::Padded(s) => write!(f, "{s}s"),
+        }
+    }
+}
+
+/// What Whisper is asked to produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Task {
+    /// Text in the language spoken.
+    #[default]
+    Transcribe,
+    /// English text, whatever the language spoken (multilingual models).
+    Translate,
+}
+
+/// Why a decode's text was withheld.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withheld {
+    /// The no-speech probability is high and the text unlikely: silence or
+    /// noise, not speech.
+    NoSpeech,
+    /// The text compresses too well (gzip ratio above the threshold): the
+    /// model is looping.
+    Repetition,
+    /// The tokens are too unlikely to be a transcript (a pure tone, say).
+    LowConfidence,
+    /// Decoding reached the ceiling on tokens per second of audio without
+    /// ending: a runaway.
+    TokenCeiling,
+}
+
+impl Withheld {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Withheld::NoSpeech => "no_speech",
+            Withheld::Repetition => "repetition",
+            Withheld::LowConfidence => "low_confidence",
+            Withheld::TokenCeiling => "token_ceiling",
+        }
+    }
+}
+
+/// Whisper's hallucination guards: OpenAI's three, and two stricter ones
+/// for audio that reaches a worker without a voice detector in front (the
+/// thresholds are from real tiny.en and base on silence, noise and tones,
+/// measured in docs/benchmarks.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Guards {
+    /// Text is withheld when the no-speech probability exceeds this...
+    pub no_speech: f32,
+    /// ...and the average log-probability of the tokens is below this
+    /// (OpenAI's rule).
+    pub logprob: f32,
+    /// Text is withheld whatever its log-probability when the no-speech
+    /// probability exceeds this (Whisper says "you" to silence with -0.4).
+    pub certain_no_speech: f32,
+    /// Text whose average log-probability is below this is withheld.
+    pub min_logprob: f32,
+    /// Text whose gzip compression ratio exceeds this is a loop.
+    pub compression_ratio: f32,
+    /// Withhold a decode that reached the token ceiling without ending.
+    pub token_ceiling: bool,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Guards {
+            no_speech: 0.6,
+            logprob: -1.0,
+            certain_no_speech: 0.8,
+            min_logprob: -2.0,
+            compression_ratio: 2.4,
+            token_ceiling: true,
+        }
+    }
+}
+
+impl Guards {
+    /// No guard at all: every decode's text goes out (for models with
+    /// random weights, whose output is noise by construction).
+    pub const OFF: Guards = Guards {
+        no_speech: f32::INFINITY,
+        logprob: f32::NEG_INFINITY,
+        certain_no_speech: f32::INFINITY,
+        min_logprob: f32::NEG_INFINITY,
+        compression_ratio: f32::INFINITY,
+        token_ceiling: false,
+    };
+
+    /// Which guard, if any, withholds a decode with these measurements.
+    pub fn judge(
+        &self,
+        ended: bool,
+        compression_ratio: f32,
+        no_speech: f32,
+        avg_logprob: f32,
+    ) -> Option<Withheld> {
+        if !ended && self.token_ceiling {
+            Some(Withheld::TokenCeiling)
+        } else if compression_ratio > self.compression_ratio {
+            Some(Withheld::Repetition)
+        } else if (no_speech > self.no_speech && avg_logprob < self.logprob)
+            || no_speech > self.certain_no_speech
+        {
+            Some(Withheld::NoSpeech)
+        } else if avg_logprob < self.min_logprob {
+            Some(Withheld::LowConfidence)
+        } else {
+            None
+        }
+    }
+}
+
+/// The result of one decode.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Transcript {
+    /// Empty when `withheld` says why.
     pub text: String,
-    /// Generated token ids, without the prompt.
+    /// Generated token ids, without the prompt (empty when withheld).
     pub tokens: Vec<u32>,
     /// The language token used (hinted or detected), e.g. `en`.
     pub language: Option<String>,
+    /// Probability of the detected language; `None` when it was given.
+    pub language_probability: Option<f32>,
+    /// Probability of `<|nospeech|>` at the start of the transcript.
+    pub no_speech_probability: f32,
+    /// Mean log-probability of the generated tokens and end-of-text.
+    pub avg_logprob: f32,
+    /// gzip compression ratio of the text.
+    pub compression_ratio: f32,
+    pub withheld: Option<Withheld>,
+}
+
+/// A transcript and, when asked for, Whisper's English translation of the
+/// same audio (encoded once, decoded twice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recognition {
+    pub transcript: Transcript,
+    pub translation: Option<Transcript>,
+}
+
+/// Time spent per stage of one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    pub mel: std::time::Duration,
+    pub encoder: std::time::Duration,
+    pub decoder: std::time::Duration,
 }
 
 struct SpecialTokens {
     sot: u32,
     eot: u32,
     transcribe: u32,
+    translate: Option<u32>,
     no_timestamps: u32,
+    no_speech: Option<u32>,
     /// `(code, token id)` for each `<|xx|>` language token.
     languages: Vec<(String, u32)>,
 }
 
-/// A loaded Whisper model. Not `Sync`: decoding mutates the model's
-/// attention caches, so each worker owns one.
+/// Fields of `generation_config.json` (or `config.json`) the decoder uses.
+#[derive(Debug, Default, serde::Deserialize)]
+struct GenerationConfig {
+    #[serde(default)]
+    begin_suppress_tokens: Option<Vec<u32>>,
+    #[serde(default)]
+    suppress_tokens: Option<Vec<u32>>,
+}
+
+/// A loaded Whisper model. `Sync`: the weights are immutable and every call
+/// decodes with its own state, so workers may share one.
 pub struct WhisperModel {
-    model: Whisper,
+    net: Net,
+    config: Config,
     tokenizer: Tokenizer,
     tokens: SpecialTokens,
     front: mel::LogMel,
-    suppress: Tensor,
-    /// `suppress`, and end-of-text too: Whisper never ends on the first
-    /// token ("suppress blank").
-    suppress_first: Tensor,
-    device: Device,
+    /// Tokens never sampled: the configured suppress list, special tokens
+    /// but end-of-text, timestamps.
+    suppress: Vec<u32>,
+    /// Also suppressed at the first step ("suppress blank"): end-of-text and
+    /// the bare space.
+    suppress_first: Vec<u32>,
     window: EncoderWindow,
     multilingual: bool,
+    guards: Guards,
 }
 
 impl std::fmt::Debug for WhisperModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WhisperModel")
-            .field("config", &self.model.config)
+            .field("config", &self.config)
             .field("window", &self.window)
             .finish_non_exhaustive()
     }
@@ -127,12 +325,39 @@ pub fn load_config(dir: &Path) -> Result<Config, AsrError> {
     Ok(config)
 }
 
+/// `generation_config.json` where the directory has one (as published),
+/// else the same fields from `config.json`.
+fn load_generation(dir: &Path) -> Result<GenerationConfig, AsrError> {
+    for name in ["generation_config.json", "config.json"] {
+        let path = dir.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        let g: GenerationConfig =
+            serde_json::from_slice(&read(&path)?).map_err(|e| AsrError::Config {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if g.begin_suppress_tokens.is_some() || g.suppress_tokens.is_some() {
+            return Ok(g);
+        }
+    }
+    Ok(GenerationConfig::default())
+}
+
 impl WhisperModel {
     /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from
     /// `dir` onto the CPU.
     pub fn load(dir: &Path, window: EncoderWindow) -> Result<Self, AsrError> {
         let device = Device::Cpu;
         let config = load_config(dir)?;
+        let generation = load_generation(dir)?;
+        // A generated model (its config.json says so) speaks noise by
+        // construction: the guards would withhold all of it, and the tests
+        // that use one check plumbing, not words.
+        let generated =
+            serde_json::from_slice::<serde_json::Value>(&read(&dir.join("config.json"))?)
+                .is_ok_and(|v| v.get("earshot_generated").is_some());
 
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| AsrError::Tokenizer {
@@ -148,7 +373,11 @@ impl WhisperModel {
             sot: token(whisper::SOT_TOKEN)?,
             eot: token(whisper::EOT_TOKEN)?,
             transcribe: token(whisper::TRANSCRIBE_TOKEN)?,
+            translate: tokenizer.token_to_id(whisper::TRANSLATE_TOKEN),
             no_timestamps: token(whisper::NO_TIMESTAMPS_TOKEN)?,
+            no_speech: whisper::NO_SPEECH_TOKENS
+                .iter()
+                .find_map(|t| tokenizer.token_to_id(t)),
             languages: language_tokens(&tokenizer),
         };
         let vocab = tokenizer.get_vocab_size(true);
@@ -178,38 +407,119 @@ impl WhisperModel {
                     path: weights.clone(),
                     reason: e.to_string(),
                 })?;
-        let model = Whisper::load(&vb, config.clone()).map_err(|e| AsrError::Weights {
+        let net = Net::load(&vb, &config).map_err(|e| AsrError::Weights {
             path: weights.clone(),
             reason: e.to_string(),
         })?;
 
-        let suppress = suppress_mask(&config, &tokenizer, &tokens, &[], &device)?;
-        let suppress_first = suppress_mask(&config, &tokenizer, &tokens, &[tokens.eot], &device)?;
+        let mut suppress: Vec<u32> = generation
+            .suppress_tokens
+            .clone()
+            .unwrap_or_else(|| config.suppress_tokens.clone());
+        for (id, token) in tokenizer.get_added_tokens_decoder() {
+            if token.special && id != tokens.eot {
+                suppress.push(id);
+            }
+        }
+        // Timestamp tokens follow <|notimestamps|> in every Whisper
+        // vocabulary, as do unused padding ids up to vocab_size.
+        suppress.extend(tokens.no_timestamps..config.vocab_size as u32);
+        suppress.retain(|&id| (id as usize) < config.vocab_size);
+        suppress.sort_unstable();
+        suppress.dedup();
+        let mut suppress_first = suppress.clone();
+        match &generation.begin_suppress_tokens {
+            Some(ids) => suppress_first.extend(ids),
+            None => {
+                suppress_first.push(tokens.eot);
+                if let Some(space) = tokenizer.token_to_id("Ġ") {
+                    suppress_first.push(space);
+                }
+            }
+        }
+        suppress_first.retain(|&id| (id as usize) < config.vocab_size);
         Ok(WhisperModel {
             front: mel::LogMel::new(config.num_mel_bins),
-            model,
+            net,
+            config,
             tokenizer,
             tokens,
             suppress,
             suppress_first,
-            device,
             window,
             multilingual,
+            guards: if generated {
+                Guards::OFF
+            } else {
+                Guards::default()
+            },
         })
     }
 
     pub fn config(&self) -> &Config {
-        &self.model.config
+        &self.config
+    }
+
+    pub fn is_multilingual(&self) -> bool {
+        self.multilingual
+    }
+
+    /// Tokens suppressed at every step (the first step also suppresses
+    /// end-of-text and the bare space).
+    pub fn suppressed_tokens(&self) -> &[u32] {
+        &self.suppress
+    }
+
+    /// The decoder prompt after `<|startoftranscript|>` for a language
+    /// token (multilingual models) and task, ending in `<|notimestamps|>`.
+    pub fn prompt_after_sot(&self, language: Option<u32>, task: Task) -> Vec<u32> {
+        let mut prompt = Vec::with_capacity(3);
+        if let Some(id) = language.filter(|_| self.multilingual) {
+            prompt.push(id);
+            prompt.push(match task {
+                Task::Transcribe => self.tokens.transcribe,
+                Task::Translate => self.tokens.translate.unwrap_or(self.tokens.transcribe),
+            });
+        }
+        prompt.push(self.tokens.no_timestamps);
+        prompt
+    }
+
+    /// The token id of `<|startoftranscript|>`.
+    pub fn sot_token(&self) -> u32 {
+        self.tokens.sot
+    }
+
+    /// The token id of a language code's `<|xx|>`.
+    pub fn language_token(&self, code: &str) -> Option<u32> {
+        self.tokens
+            .languages
+            .iter()
+            .find(|(c, _)| c == code)
+            .map(|(_, id)| *id)
+    }
+
+    /// Replaces the hallucination guards' thresholds.
+    pub fn set_guards(&mut self, guards: Guards) {
+        self.guards = guards;
     }
 
     /// Transcribes mono 16 kHz samples in [-1, 1]. `language` is a hint such
     /// as `en`; without one (or with one the model has no token for) a
     /// multilingual model detects the language.
-    pub fn transcribe(
-        &mut self,
+    pub fn transcribe(&self, pcm: &[f32], language: Option<&str>) -> Result<Transcript, AsrError> {
+        Ok(self.recognize(pcm, language, false)?.0.transcript)
+    }
+
+    /// Transcribes `pcm` and, with `translate`, also decodes Whisper's
+    /// English translation of it (multilingual models only; the audio is
+    /// encoded once).
+    pub fn recognize(
+        &self,
         pcm: &[f32],
         language: Option<&str>,
-    ) -> Result<Transcript, AsrError> {
+        translate: bool,
+    ) -> Result<(Recognition, Timings), AsrError> {
         let seconds = pcm.len() as f64 / whisper::SAMPLE_RATE as f64;
         if seconds > MAX_SECONDS {
             return Err(AsrError::TooLong {
@@ -217,111 +527,207 @@ impl WhisperModel {
                 max: MAX_SECONDS,
             });
         }
+        let mut timings = Timings::default();
+        let t0 = std::time::Instant::now();
         let mel = self.mel(pcm)?;
-        let features = self.model.encoder.forward(&mel, true)?;
-
-        let mut prompt = vec![self.tokens.sot];
-        let mut used_language = None;
-        if self.multilingual {
-            let hinted = language.and_then(|code| {
-                self.tokens
-                    .languages
-                    .iter()
-                    .find(|(c, _)| c == code)
-                    .cloned()
-            });
-            let (code, id) = match hinted {
-                Some(found) => found,
-                None => self.detect_language(&features)?,
-            };
-            prompt.push(id);
-            prompt.push(self.tokens.transcribe);
-            used_language = Some(code);
-        }
-        prompt.push(self.tokens.no_timestamps);
-
-        let generated = self.greedy(
-            &features,
-            &prompt,
-            max_new_tokens(seconds, &self.model.config, prompt.len()),
-        )?;
-        let text = self
-            .tokenizer
-            .decode(&generated, true)
-            .map_err(|e| AsrError::Decode(e.to_string()))?;
-        Ok(Transcript {
-            text: text.trim().to_owned(),
-            tokens: generated,
-            language: used_language,
-        })
+        timings.mel = t0.elapsed();
+        let t1 = std::time::Instant::now();
+        let features = self.net.encode(&mel)?;
+        timings.encoder = t1.elapsed();
+        let t2 = std::time::Instant::now();
+        let transcript = self.decode(&features, language, Task::Transcribe, seconds)?;
+        let translation = if translate && self.multilingual && self.tokens.translate.is_some() {
+            let language = transcript.language.clone();
+            let mut t = self.decode(&features, language.as_deref(), Task::Translate, seconds)?;
+            t.language_probability = transcript.language_probability;
+            Some(t)
+        } else {
+            None
+        };
+        timings.decoder = t2.elapsed();
+        Ok((
+            Recognition {
+                transcript,
+                translation,
+            },
+            timings,
+        ))
     }
 
-    fn mel(&self, pcm: &[f32]) -> Result<Tensor, AsrError> {
-        let n_mels = self.model.config.num_mel_bins;
-        let max_frames = 2 * self.model.config.max_source_positions;
+    /// The log-mel of `pcm` as the encoder's input `(1, n_mels, frames)`.
+    pub fn mel(&self, pcm: &[f32]) -> Result<Tensor, AsrError> {
+        let n_mels = self.config.num_mel_bins;
+        let max_frames = 2 * self.config.max_source_positions;
+        // Frames the audio covers, rounded up to the conv stride of 2.
+        let covered = pcm.len().div_ceil(mel::HOP).max(2);
+        let covered = covered + covered % 2;
         let frames = match self.window {
             EncoderWindow::Full => max_frames,
-            // Frames the audio covers, rounded up to the conv stride of 2.
-            EncoderWindow::Fit => {
-                let covered = pcm.len().div_ceil(mel::HOP).max(2);
-                (covered + covered % 2).min(max_frames)
-            }
+            EncoderWindow::Fit => covered.min(max_frames),
+            EncoderWindow::Padded(s) => covered.max(usize::from(s) * 100).min(max_frames),
         };
         let mel = self.front.compute(pcm, frames);
-        Ok(Tensor::from_vec(mel, (1, n_mels, frames), &self.device)?)
+        Ok(Tensor::from_vec(
+            mel,
+            (1, n_mels, frames),
+            self.net.device(),
+        )?)
     }
 
-    fn detect_language(&mut self, features: &Tensor) -> Result<(String, u32), AsrError> {
-        let tokens = Tensor::new(&[[self.tokens.sot]], &self.device)?;
-        let ys = self.model.decoder.forward(&tokens, features, true)?;
-        let logits = self
-            .model
-            .decoder
-            .final_linear(&ys.i((..1, 0..1))?)?
-            .i(0)?
-            .i(0)?;
-        let logits: Vec<f32> = logits.to_vec1()?;
-        let best = self
-            .tokens
-            .languages
-            .iter()
-            .filter(|(_, id)| (*id as usize) < logits.len())
-            .max_by(|(_, a), (_, b)| logits[*a as usize].total_cmp(&logits[*b as usize]));
-        best.cloned()
-            .ok_or(AsrError::MissingToken("<|en|> (any language token)"))
+    /// Runs the encoder on a log-mel `(1, n_mels, frames)`.
+    pub fn encode(&self, mel: &Tensor) -> Result<Tensor, AsrError> {
+        Ok(self.net.encode(mel)?)
     }
 
-    fn greedy(
-        &mut self,
+    /// Greedy decoding of one task from encoded audio, with the guards.
+    pub fn decode(
+        &self,
         features: &Tensor,
-        prompt: &[u32],
-        max_new: usize,
-    ) -> Result<Vec<u32>, AsrError> {
-        let mut tokens = prompt.to_vec();
+        language: Option<&str>,
+        task: Task,
+        seconds: f64,
+    ) -> Result<Transcript, AsrError> {
+        let mut state = self.net.start(features)?;
+        let sot = Tensor::new(&[[self.tokens.sot]], self.net.device())?;
+        let used_language;
+        let mut language_id = None;
+        let mut language_probability = None;
+        // Logits at <|startoftranscript|>: the no-speech probability, and
+        // the language when it is detected.
+        let hidden = self.net.step(&mut state, &sot)?;
+        let sot_logits: Vec<f32> = self.net.logits_at(&hidden, 0)?.i(0)?.to_vec1()?;
+        if self.multilingual {
+            let hinted =
+                language.and_then(|code| Some((code.to_owned(), self.language_token(code)?)));
+            let (code, id) = match hinted {
+                Some(found) => found,
+                None => {
+                    let (code, id, p) = self.detect_language(&sot_logits)?;
+                    language_probability = Some(p);
+                    (code, id)
+                }
+            };
+            language_id = Some(id);
+            used_language = Some(code);
+        } else {
+            used_language = Some("en".to_owned());
+        }
+        let prompt = self.prompt_after_sot(language_id, task);
+        let no_speech_probability = self
+            .tokens
+            .no_speech
+            .and_then(|id| softmax_at(&sot_logits, id as usize))
+            .unwrap_or(0.0);
+
+        let max_new = max_new_tokens(seconds, &self.config, prompt.len() + 1);
+        let mut generated = Vec::new();
+        let mut sum_logprob = 0.0f64;
+        let mut ended = false;
+        let mut input = Tensor::new(prompt.as_slice(), self.net.device())?.unsqueeze(0)?;
         for step in 0..max_new {
-            let input = Tensor::new(tokens.as_slice(), &self.device)?.unsqueeze(0)?;
-            let ys = self.model.decoder.forward(&input, features, step == 0)?;
-            let last = ys.dim(1)? - 1;
-            let logits = self
-                .model
-                .decoder
-                .final_linear(&ys.i((..1, last..))?)?
-                .i(0)?
-                .i(0)?;
-            let bias = if step == 0 {
+            let hidden = self.net.step(&mut state, &input)?;
+            let last = hidden.dim(1)? - 1;
+            let mut logits: Vec<f32> = self.net.logits_at(&hidden, last)?.i(0)?.to_vec1()?;
+            let banned = if step == 0 {
                 &self.suppress_first
             } else {
                 &self.suppress
             };
-            let logits = logits.broadcast_add(bias)?;
-            let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            for &id in banned {
+                logits[id as usize] = f32::NEG_INFINITY;
+            }
+            let (next, logprob) = argmax_logprob(&logits);
+            sum_logprob += f64::from(logprob);
             if next == self.tokens.eot {
+                ended = true;
                 break;
             }
-            tokens.push(next);
+            generated.push(next);
+            input = Tensor::new(&[[next]], self.net.device())?;
         }
-        Ok(tokens.split_off(prompt.len()))
+        let text = self
+            .tokenizer
+            .decode(&generated, true)
+            .map_err(|e| AsrError::Decode(e.to_string()))?
+            .trim()
+            .to_owned();
+        let avg_logprob = (sum_logprob / (generated.len() + 1) as f64) as f32;
+        let compression_ratio = compression_ratio(&text);
+        let withheld = self.guards.judge(
+            ended || generated.is_empty(),
+            compression_ratio,
+            no_speech_probability,
+            avg_logprob,
+        );
+        let (text, tokens) = if withheld.is_some() {
+            (String::new(), Vec::new())
+        } else {
+            (text, generated)
+        };
+        Ok(Transcript {
+            text,
+            tokens,
+            language: used_language,
+            language_probability,
+            no_speech_probability,
+            avg_logprob,
+            compression_ratio,
+            withheld,
+        })
     }
+
+    /// The most likely language token and its probability among languages.
+    fn detect_language(&self, sot_logits: &[f32]) -> Result<(String, u32, f32), AsrError> {
+        let langs: Vec<(&String, u32, f32)> = self
+            .tokens
+            .languages
+            .iter()
+            .filter_map(|(c, id)| sot_logits.get(*id as usize).map(|l| (c, *id, *l)))
+            .collect();
+        let max = langs.iter().map(|l| l.2).fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = langs.iter().map(|l| (l.2 - max).exp()).sum();
+        let best = langs
+            .iter()
+            .max_by(|a, b| a.2.total_cmp(&b.2))
+            .ok_or(AsrError::MissingToken("<|en|> (any language token)"))?;
+        Ok((best.0.clone(), best.1, (best.2 - max).exp() / total))
+    }
+}
+
+/// `softmax(logits)[at]`.
+fn softmax_at(logits: &[f32], at: usize) -> Option<f32> {
+    let x = *logits.get(at)?;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = logits.iter().map(|l| f64::from(l - max).exp()).sum();
+    Some((f64::from(x - max).exp() / total) as f32)
+}
+
+/// The best token and its log-probability under `log_softmax(logits)`.
+fn argmax_logprob(logits: &[f32]) -> (u32, f32) {
+    let (best, max) =
+        logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |acc, (i, &l)| {
+                if l > acc.1 { (i, l) } else { acc }
+            });
+    let total: f64 = logits.iter().map(|l| f64::from(l - max).exp()).sum();
+    (best as u32, -(total.ln() as f32))
+}
+
+/// zlib's compression ratio of the text's bytes, as Whisper's guard uses it.
+pub fn compression_ratio(text: &str) -> f32 {
+    use std::io::Write;
+    if text.is_empty() {
+        return 0.0;
+    }
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    let compressed = z
+        .write_all(text.as_bytes())
+        .and_then(|()| z.finish())
+        .map(|v| v.len())
+        .unwrap_or(text.len());
+    text.len() as f32 / compressed.max(1) as f32
 }
 
 /// Bounds decoding: the decoder's context, and a generous speech rate (real
@@ -346,33 +752,4 @@ fn language_tokens(tokenizer: &Tokenizer) -> Vec<(String, u32)> {
         .collect();
     out.sort_by_key(|(_, id)| *id);
     out
-}
-
-/// Logit bias: -inf for tokens Whisper never samples while transcribing
-/// without timestamps: the config's `suppress_tokens`, every special token
-/// except end-of-text, and every timestamp token.
-fn suppress_mask(
-    config: &Config,
-    tokenizer: &Tokenizer,
-    tokens: &SpecialTokens,
-    also: &[u32],
-    device: &Device,
-) -> Result<Tensor, AsrError> {
-    let mut mask = vec![0f32; config.vocab_size];
-    let mut ban = |id: u32| {
-        if let Some(m) = mask.get_mut(id as usize) {
-            *m = f32::NEG_INFINITY;
-        }
-    };
-    config.suppress_tokens.iter().copied().for_each(&mut ban);
-    also.iter().copied().for_each(&mut ban);
-    for (id, token) in tokenizer.get_added_tokens_decoder() {
-        if token.special && id != tokens.eot {
-            ban(id);
-        }
-    }
-    // Timestamp tokens follow <|notimestamps|> in every Whisper vocabulary,
-    // as do unused padding ids up to vocab_size.
-    (tokens.no_timestamps..config.vocab_size as u32).for_each(&mut ban);
-    Ok(Tensor::from_vec(mask, config.vocab_size, device)?.to_dtype(DType::F32)?)
 }

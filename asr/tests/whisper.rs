@@ -68,7 +68,7 @@ fn generation_is_reproducible_and_uses_published_tensor_names() {
 fn a_generated_model_loads_and_transcribes_deterministically() {
     let dir = tempfile::tempdir().unwrap();
     generate_test_model(dir.path(), &TestModelSpec::TEST).unwrap();
-    let mut model = WhisperModel::load(dir.path(), EncoderWindow::Full).unwrap();
+    let model = WhisperModel::load(dir.path(), EncoderWindow::Full).unwrap();
     let audio = chirp(1.5);
     let first = model.transcribe(&audio, Some("en")).unwrap();
     let second = model.transcribe(&audio, Some("en")).unwrap();
@@ -79,7 +79,7 @@ fn a_generated_model_loads_and_transcribes_deterministically() {
     assert!(first.tokens.len() <= 23, "{}", first.tokens.len());
 
     // A fresh load gives the same answer: nothing leaks between calls.
-    let mut again = WhisperModel::load(dir.path(), EncoderWindow::Full).unwrap();
+    let again = WhisperModel::load(dir.path(), EncoderWindow::Full).unwrap();
     assert_eq!(again.transcribe(&audio, Some("en")).unwrap(), first);
 
     // Different audio gives different tokens (the model does look at it).
@@ -108,7 +108,7 @@ fn a_generated_model_loads_and_transcribes_deterministically() {
 fn the_fit_window_runs_only_the_frames_the_audio_covers() {
     let dir = tempfile::tempdir().unwrap();
     generate_test_model(dir.path(), &TestModelSpec::TEST).unwrap();
-    let mut model = WhisperModel::load(dir.path(), EncoderWindow::Fit).unwrap();
+    let model = WhisperModel::load(dir.path(), EncoderWindow::Fit).unwrap();
     let t = model.transcribe(&chirp(0.7), Some("en")).unwrap();
     assert!(!t.tokens.is_empty());
 }
@@ -117,7 +117,7 @@ fn the_fit_window_runs_only_the_frames_the_audio_covers() {
 fn overlong_audio_and_broken_directories_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     generate_test_model(dir.path(), &TestModelSpec::TEST).unwrap();
-    let mut model = WhisperModel::load(dir.path(), EncoderWindow::Fit).unwrap();
+    let model = WhisperModel::load(dir.path(), EncoderWindow::Fit).unwrap();
     assert!(matches!(
         model.transcribe(&vec![0.0; 16_000 * 31], None),
         Err(AsrError::TooLong { .. })
@@ -135,4 +135,88 @@ fn overlong_audio_and_broken_directories_are_clear_errors() {
     let empty = tempfile::tempdir().unwrap();
     let err = WhisperModel::load(empty.path(), EncoderWindow::Full).unwrap_err();
     assert!(err.to_string().contains("config.json"), "{err}");
+}
+
+/// The key/value cache is only a cache: feeding a prompt token by token
+/// gives the hidden states that feeding it at once gives.
+#[test]
+fn the_decoder_cache_gives_what_a_full_recompute_gives() {
+    use candle_core::{IndexOp, Tensor};
+    use candle_nn::VarBuilder;
+    let dir = tempfile::tempdir().unwrap();
+    generate_test_model(dir.path(), &TestModelSpec::TEST).unwrap();
+    let config = earshot_asr::whisper::load_config(dir.path()).unwrap();
+    let weights = dir.path().join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    let vb = VarBuilder::from_tensors(tensors, candle_core::DType::F32, &candle_core::Device::Cpu);
+    let net = earshot_asr::net::Net::load(&vb, &config).unwrap();
+    let mel = Tensor::randn(0f32, 1.0, (1, 80, 200), &candle_core::Device::Cpu).unwrap();
+    let features = net.encode(&mel).unwrap();
+    let tokens: [u32; 5] = [7, 42, 3, 99, 15];
+
+    let mut all = net.start(&features).unwrap();
+    let at_once = net
+        .step(&mut all, &Tensor::new(&[tokens], net.device()).unwrap())
+        .unwrap();
+    let mut one = net.start(&features).unwrap();
+    for (i, t) in tokens.iter().enumerate() {
+        let h = net
+            .step(&mut one, &Tensor::new(&[[*t]], net.device()).unwrap())
+            .unwrap();
+        let expected = at_once.i((.., i..i + 1, ..)).unwrap();
+        let diff = (h - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "position {i}: {diff}");
+    }
+    assert_eq!(one.position(), 5);
+}
+
+#[test]
+fn encoder_windows_parse_and_print() {
+    for (text, window) in [
+        ("full", EncoderWindow::Full),
+        ("fit", EncoderWindow::Fit),
+        ("10s", EncoderWindow::Padded(10)),
+    ] {
+        assert_eq!(text.parse::<EncoderWindow>(), Ok(window));
+        assert_eq!(window.to_string(), text);
+    }
+    for bad in ["", "0s", "31s", "ten", "10"] {
+        assert!(bad.parse::<EncoderWindow>().is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn guards_name_the_reason_text_is_withheld() {
+    use earshot_asr::{Guards, Withheld};
+    let g = Guards::default();
+    // Speech: low no-speech probability, likely tokens.
+    assert_eq!(g.judge(true, 1.0, 0.02, -0.3), None);
+    assert_eq!(
+        g.judge(false, 1.0, 0.02, -0.3),
+        Some(Withheld::TokenCeiling)
+    );
+    assert_eq!(g.judge(true, 3.0, 0.02, -0.3), Some(Withheld::Repetition));
+    // OpenAI's rule needs both; the stricter one fires on no-speech alone.
+    assert_eq!(g.judge(true, 1.0, 0.7, -1.5), Some(Withheld::NoSpeech));
+    assert_eq!(g.judge(true, 1.0, 0.7, -0.5), None);
+    assert_eq!(g.judge(true, 1.0, 0.94, -0.4), Some(Withheld::NoSpeech));
+    assert_eq!(g.judge(true, 1.0, 0.3, -3.1), Some(Withheld::LowConfidence));
+    assert_eq!(Guards::OFF.judge(false, 9.0, 1.0, -9.0), None);
+}
+
+#[test]
+fn compression_ratio_flags_loops() {
+    use earshot_asr::whisper::compression_ratio;
+    assert!(compression_ratio("The quick brown fox jumps over the lazy dog.") < 1.5);
+    assert!(compression_ratio(&"thank you ".repeat(30)) > 2.4);
+    assert_eq!(compression_ratio(""), 0.0);
 }

@@ -73,6 +73,45 @@ fn find(env: &str, relative: &str, pick: impl Fn(&Path) -> bool) -> anyhow::Resu
     )
 }
 
+/// A real Whisper model that `scripts/setup.sh` converted into
+/// `.cache/models/<name>` (`whisper-tiny.en`, `whisper-base`), or
+/// `EARSHOT_MODELS/<name>`.
+pub fn real_model(name: &str) -> anyhow::Result<PathBuf> {
+    let root = std::env::var("EARSHOT_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| project_root().join(".cache/models"));
+    let dir = root.join(name);
+    if !dir.join("model.safetensors").is_file() {
+        bail!(
+            "no Whisper model at {}: run `make setup` (it downloads and converts the real weights)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The CTranslate2 (faster-whisper) directory a real model was converted
+/// from, `.cache/ct2/<name>` (`tiny.en`, `base`).
+pub fn ct2_model(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = project_root().join(".cache/ct2").join(name);
+    if !dir.join("model.bin").is_file() {
+        bail!(
+            "no CTranslate2 model at {}: run `make setup`",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The project's virtualenv Python (ONNX Runtime, faster-whisper).
+pub fn python() -> anyhow::Result<PathBuf> {
+    let python = project_root().join(".venv/bin/python");
+    if !python.is_file() {
+        bail!("no {}: run `make setup`", python.display());
+    }
+    Ok(python)
+}
+
 /// `libonnxruntime.so.<version>` from the `onnxruntime` wheel.
 pub fn onnxruntime_library() -> anyhow::Result<PathBuf> {
     find("EARSHOT_ONNXRUNTIME", "onnxruntime/capi", |p| {

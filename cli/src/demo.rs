@@ -1,15 +1,16 @@
 //! `earshot demo`: a real deployment on loopback, as separate processes.
 //!
-//! Starts redis-server, one `earshot-regional` and one `earshot-edge`,
-//! streams a spoken test file through the edge, prints every message the
-//! client receives, and stops everything it started.
+//! Starts redis-server, one `earshot-regional` (real Whisper tiny.en
+//! weights, converted by `make setup`) and one `earshot-edge`, streams a
+//! spoken test file through the edge, prints every message the client
+//! receives and what was said beside what was heard, and stops everything
+//! it started.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use earshot_asr::{TestModelSpec, generate_test_model};
 use earshot_common::client::ServerMessage;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -119,14 +120,6 @@ async fn wait_ready(process: &mut Process, port: u16, within: Duration) -> anyho
     }
 }
 
-/// Generates the test Whisper model into `dir` unless it is already there.
-pub fn ensure_test_model(dir: &Path) -> anyhow::Result<()> {
-    if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
-        return Ok(());
-    }
-    generate_test_model(dir, &TestModelSpec::TEST).context("generating the test Whisper model")
-}
-
 pub async fn run(workdir: &Path) -> anyhow::Result<()> {
     // Configs name files by absolute path, so they work from any directory.
     let workdir = &std::path::absolute(workdir)?;
@@ -139,8 +132,7 @@ pub async fn run(workdir: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(workdir.join("deploy"));
     std::fs::create_dir_all(workdir.join("logs"))?;
 
-    let model = workdir.join("models").join("whisper-test");
-    ensure_test_model(&model)?;
+    let model = assets::real_model("whisper-tiny.en")?;
 
     let redis = RedisServer::start(&workdir.join("redis"))?;
     let deployment = Deployment {
@@ -242,8 +234,14 @@ pub async fn run(workdir: &Path) -> anyhow::Result<()> {
             logs.display()
         );
     }
+    let mut errors = earshot_asr::wer::WordErrors::default();
+    println!();
+    for (said, heard) in SENTENCES.iter().zip(transcript.finals()) {
+        println!("said:  {said}\nheard: {}\n", heard.text);
+        errors.add(said, &heard.text);
+    }
     println!(
-        "ok: {finals} finals for {} sentences (the test model's text is noise by design)",
+        "ok: {finals} finals for {} sentences, word error rate {errors}",
         SENTENCES.len()
     );
     Ok(())

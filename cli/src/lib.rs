@@ -6,6 +6,7 @@
 
 pub mod assets;
 pub mod bench;
+pub mod bench_asr;
 pub mod certs;
 pub mod client;
 pub mod cluster;

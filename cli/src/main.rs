@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use earshot_asr::{TestModelSpec, generate_test_model};
-use earshot_cli::{bench, certs, client, demo, speech};
+use earshot_cli::{assets, bench, certs, client, demo, speech};
 use earshot_common::topology::Topology;
 
 #[derive(Parser)]
@@ -82,6 +82,22 @@ enum BenchCmd {
         #[arg(long)]
         model: Option<PathBuf>,
     },
+    /// Word error rate and latency of Whisper on real weights, per file, in
+    /// the JSON-lines format of ../shared/peers (faster-whisper side by side).
+    Asr {
+        /// Model directory (default: .cache/models/whisper-tiny.en).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Where the audio set and results go.
+        #[arg(long, default_value = ".cache/bench-asr")]
+        out: PathBuf,
+        /// Timed runs per file (the median counts).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Encoder window: full, fit, or padded to N seconds (e.g. 10s).
+        #[arg(long, default_value = "full")]
+        window: earshot_asr::EncoderWindow,
+    },
     /// Registry publish/sync throughput and promote/rollback times.
     Registry {
         /// Size of the model to publish.
@@ -108,6 +124,44 @@ enum ModelsCmd {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Convert a faster-whisper (CTranslate2) model directory (model.bin,
+    /// config.json, tokenizer.json) into the published layout.
+    ImportCt2 {
+        /// The CTranslate2 model directory.
+        src: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Transcribe 16 kHz mono WAV files with a model directory, one JSON
+    /// line per file (text, language, guards, time per stage).
+    Transcribe {
+        model: PathBuf,
+        wavs: Vec<PathBuf>,
+        #[arg(long)]
+        language: Option<String>,
+        /// Also run Whisper's translate task (speech to English).
+        #[arg(long)]
+        translate: bool,
+        /// Encoder window: full, fit, or padded to N seconds (e.g. 10s).
+        #[arg(long, default_value = "full")]
+        window: earshot_asr::EncoderWindow,
+    },
+    /// Quantize a model in the published layout to GGUF (the edge tier).
+    Quantize {
+        src: PathBuf,
+        #[arg(long, value_enum, default_value_t = SchemeArg::Q8_0)]
+        scheme: SchemeArg,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SchemeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -161,6 +215,21 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Bench {
             command:
+                BenchCmd::Asr {
+                    model,
+                    out,
+                    runs,
+                    window,
+                },
+        } => {
+            let model = match model {
+                Some(m) => m,
+                None => assets::real_model("whisper-tiny.en")?,
+            };
+            earshot_cli::bench_asr::run(&model, &out, runs, window)
+        }
+        Cmd::Bench {
+            command:
                 BenchCmd::Overhead {
                     utterances,
                     speed,
@@ -206,6 +275,81 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
                 spec.seed = seed;
             }
             generate_test_model(&out, &spec).context("generating the model")?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
+        Cmd::Models {
+            command: ModelsCmd::ImportCt2 { src, out },
+        } => {
+            let shape = earshot_asr::ct2::convert(&src, &out)
+                .with_context(|| format!("converting {}", src.display()))?;
+            println!(
+                "wrote {} (d_model {}, {}+{} layers, {} tokens, {})",
+                out.display(),
+                shape.d_model,
+                shape.encoder_layers,
+                shape.decoder_layers,
+                shape.vocab_size,
+                if shape.multilingual {
+                    "multilingual"
+                } else {
+                    "English only"
+                }
+            );
+            Ok(())
+        }
+        Cmd::Models {
+            command:
+                ModelsCmd::Transcribe {
+                    model,
+                    wavs,
+                    language,
+                    translate,
+                    window,
+                },
+        } => {
+            let whisper = earshot_asr::WhisperModel::load(&model, window)
+                .with_context(|| format!("loading {}", model.display()))?;
+            for wav in wavs {
+                let pcm: Vec<f32> = speech::read_wav(&wav)?
+                    .iter()
+                    .map(|&s| f32::from(s) / 32768.0)
+                    .collect();
+                let started = std::time::Instant::now();
+                let (r, t) = whisper.recognize(&pcm, language.as_deref(), translate)?;
+                let total = started.elapsed();
+                let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                let tr = &r.transcript;
+                let line = serde_json::json!({
+                    "wav": wav.display().to_string(),
+                    "text": tr.text,
+                    "translation": r.translation.as_ref().map(|t| t.text.clone()),
+                    "language": tr.language,
+                    "language_probability": tr.language_probability,
+                    "no_speech_probability": tr.no_speech_probability,
+                    "avg_logprob": tr.avg_logprob,
+                    "compression_ratio": tr.compression_ratio,
+                    "withheld": tr.withheld.map(|w| w.as_str()),
+                    "n_tokens": tr.tokens.len(),
+                    "tokens": tr.tokens,
+                    "total_ms": ms(total),
+                    "mel_ms": ms(t.mel),
+                    "encoder_ms": ms(t.encoder),
+                    "decode_ms": ms(t.decoder),
+                });
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Cmd::Models {
+            command: ModelsCmd::Quantize { src, scheme, out },
+        } => {
+            let scheme = match scheme {
+                SchemeArg::Q8_0 => earshot_asr::quantize::Scheme::Q8_0,
+                SchemeArg::Q4_0 => earshot_asr::quantize::Scheme::Q4_0,
+            };
+            earshot_asr::quantize::quantize_whisper(&src, &out, scheme)
+                .with_context(|| format!("quantizing {}", src.display()))?;
             println!("wrote {}", out.display());
             Ok(())
         }

@@ -46,17 +46,7 @@ pub fn synthesize(
         if i > 0 {
             samples.extend(silence(gap));
         }
-        let raw = workdir.join(format!("sentence-{i}.wav"));
-        let resampled = workdir.join(format!("sentence-{i}-16k.wav"));
-        run(Command::new("espeak-ng")
-            .args(["-v", "en-us", "-s", "160", "-w"])
-            .arg(&raw)
-            .arg(sentence))?;
-        run(Command::new("sox")
-            .arg(&raw)
-            .args(["-r", "16000", "-c", "1", "-b", "16"])
-            .arg(&resampled))?;
-        let spoken = read_wav(&resampled)?;
+        let spoken = speak(sentence, "en-us", &workdir.join(format!("sentence-{i}")))?;
         let start = samples.len() as f64 / f64::from(SAMPLE_RATE);
         samples.extend(spoken);
         spans.push((start, samples.len() as f64 / f64::from(SAMPLE_RATE)));
@@ -64,6 +54,51 @@ pub fn synthesize(
     samples.extend(silence(edge));
     Ok(Speech { samples, spans })
 }
+
+/// One sentence spoken by espeak-ng's `voice` (`en-us`, `de`, `fr`) as
+/// 16 kHz mono samples; `stem` names its scratch files.
+pub fn speak(sentence: &str, voice: &str, stem: &Path) -> anyhow::Result<Vec<i16>> {
+    let raw = stem.with_extension("raw.wav");
+    let resampled = stem.with_extension("16k.wav");
+    run(Command::new("espeak-ng")
+        .args(["-v", voice, "-s", "160", "-w"])
+        .arg(&raw)
+        .arg(sentence))?;
+    run(Command::new("sox")
+        .arg(&raw)
+        .args(["-r", "16000", "-c", "1", "-b", "16"])
+        .arg(&resampled))?;
+    read_wav(&resampled)
+}
+
+/// English test sentences: the pipeline test, the word error rate
+/// benchmark and the real-weight tests speak these.
+pub const ENGLISH: [&str; 12] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call me back tomorrow morning at nine.",
+    "The weather today is bright and cold with a light wind from the north.",
+    "She said that the meeting would start at half past ten.",
+    "Every region keeps its own queue of utterances.",
+    "We measured the latency of every hop in the network.",
+    "Bring the documents we talked about on Monday.",
+    "The train to the city leaves in twenty minutes.",
+    "I would like a cup of coffee with milk and no sugar.",
+    "Our team will publish a new version of the model next week.",
+    "The library opens at eight and closes at six.",
+    "Turn left at the second light and park behind the bakery.",
+];
+
+/// German and French sentences for language detection.
+pub const GERMAN: [&str; 3] = [
+    "Guten Morgen, wie geht es Ihnen heute?",
+    "Der Zug nach Berlin fährt in zehn Minuten ab.",
+    "Ich möchte gerne einen Kaffee mit Milch bestellen.",
+];
+pub const FRENCH: [&str; 3] = [
+    "Bonjour, comment allez-vous aujourd'hui?",
+    "Le train pour Paris part dans dix minutes.",
+    "Je voudrais un café au lait, s'il vous plaît.",
+];
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let program = cmd.get_program().to_string_lossy().into_owned();

@@ -109,6 +109,7 @@ fn header(jurisdiction: &str, edge: &str) -> Header {
         jurisdiction: jurisdiction.into(),
         edge: edge.into(),
         language: "en".into(),
+        translate: String::new(),
         sample_rate: 16_000,
     }
 }

@@ -13,6 +13,9 @@ pub enum ServerMessage {
     Session(SessionInfo),
     /// One per utterance, in utterance order.
     Final(FinalMessage),
+    /// Right after its utterance's final, when the session asked for a
+    /// translation.
+    Translation(TranslationMessage),
     Error(ErrorMessage),
 }
 
@@ -48,6 +51,21 @@ pub struct FinalMessage {
     pub queue_ms: f64,
     /// ...and the model ran.
     pub inference_ms: f64,
+    /// Language of the speech: the session's hint, or what the model
+    /// detected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Probability of the detected language; absent when it was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language_probability: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TranslationMessage {
+    pub utterance: u32,
+    /// The language translated into.
+    pub language: String,
+    pub text: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,10 +105,13 @@ pub enum ClientErrorCode {
     ShuttingDown,
     /// A WebSocket protocol violation.
     ProtocolError,
+    /// No model translates into the requested language; transcription
+    /// goes on without translations.
+    TranslationUnavailable,
 }
 
 impl ClientErrorCode {
-    pub const ALL: [ClientErrorCode; 13] = [
+    pub const ALL: [ClientErrorCode; 14] = [
         ClientErrorCode::InvalidQuery,
         ClientErrorCode::UnsupportedEncoding,
         ClientErrorCode::UnsupportedSampleRate,
@@ -104,6 +125,7 @@ impl ClientErrorCode {
         ClientErrorCode::IdleTimeout,
         ClientErrorCode::ShuttingDown,
         ClientErrorCode::ProtocolError,
+        ClientErrorCode::TranslationUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -121,6 +143,7 @@ impl ClientErrorCode {
             ClientErrorCode::IdleTimeout => "idle_timeout",
             ClientErrorCode::ShuttingDown => "shutting_down",
             ClientErrorCode::ProtocolError => "protocol_error",
+            ClientErrorCode::TranslationUnavailable => "translation_unavailable",
         }
     }
 }
@@ -246,10 +269,12 @@ mod tests {
             latency_ms: 31.25,
             queue_ms: 0.5,
             inference_ms: 25.0,
+            language: Some("en".into()),
+            language_probability: None,
         });
         assert_eq!(
             m.to_json(),
-            r#"{"type":"final","utterance":2,"text":"hi","region":"eu-west","model":"whisper@1","start":1.5,"end":2.25,"audio_sha256":"00","latency_ms":31.25,"queue_ms":0.5,"inference_ms":25.0}"#
+            r#"{"type":"final","utterance":2,"text":"hi","region":"eu-west","model":"whisper@1","start":1.5,"end":2.25,"audio_sha256":"00","latency_ms":31.25,"queue_ms":0.5,"inference_ms":25.0,"language":"en"}"#
         );
         let e = ServerMessage::Error(ErrorMessage::new(
             ClientErrorCode::InvalidAudioFrame,

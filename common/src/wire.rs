@@ -15,7 +15,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Protocol version carried in every header.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// ALPN protocol id for the QUIC connection.
 pub const ALPN: &[u8] = b"earshot/1";
 /// Largest frame body (type byte + payload) a peer may send.
@@ -46,12 +46,14 @@ pub struct Header {
     pub edge: String,
     /// Language hint, e.g. `en`; empty means "detect".
     pub language: String,
+    /// Language to translate into, e.g. `en`; empty means no translation.
+    pub translate: String,
     /// Sample rate of the audio that follows; always [`SAMPLE_RATE`] today.
     pub sample_rate: u32,
 }
 
 /// A final transcript for one utterance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Final {
     pub utterance: u32,
     pub text: String,
@@ -64,6 +66,20 @@ pub struct Final {
     pub queue_us: u32,
     /// Microseconds the model took.
     pub inference_us: u32,
+    /// Language of the speech (hinted or detected); empty if unknown.
+    pub language: String,
+    /// Probability of a detected language in [0, 1]; negative when the
+    /// language was given, not detected.
+    pub language_probability: f32,
+    /// The text translated, when the header asked for it.
+    pub translation: Option<Translation>,
+}
+
+/// A final's text in another language.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Translation {
+    pub language: String,
+    pub text: String,
 }
 
 /// A refusal or failure for one utterance.
@@ -158,7 +174,7 @@ impl std::fmt::Display for ErrorCode {
 }
 
 /// One frame of the protocol.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Header(Header),
     Audio(Bytes),
@@ -183,6 +199,8 @@ pub enum FrameError {
     Truncated { kind: u8, what: &'static str },
     #[error("frame type 0x{kind:02x} has {extra} unexpected trailing bytes")]
     Trailing { kind: u8, extra: usize },
+    #[error("{what} flag is {value}, not 0 or 1")]
+    InvalidFlag { what: &'static str, value: u8 },
     #[error("{what} is not valid UTF-8")]
     InvalidUtf8 { what: &'static str },
     #[error("protocol version {0} is not supported (this build speaks {VERSION})")]
@@ -233,6 +251,7 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
                 jurisdiction: r.str8("jurisdiction")?,
                 edge: r.str8("edge")?,
                 language: r.str8("language")?,
+                translate: r.str8("translate")?,
             })
         }
         T_AUDIO => Frame::Audio(std::mem::take(&mut r.buf)),
@@ -247,6 +266,21 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
             region: r.str8("region")?,
             model: r.str8("model")?,
             text: r.str32("text")?,
+            language: r.str8("language")?,
+            language_probability: r.f32("language probability")?,
+            translation: match r.u8("translation flag")? {
+                0 => None,
+                1 => Some(Translation {
+                    language: r.str8("translation language")?,
+                    text: r.str32("translation")?,
+                }),
+                other => {
+                    return Err(FrameError::InvalidFlag {
+                        what: "translation",
+                        value: other,
+                    });
+                }
+            },
         }),
         T_ERROR => Frame::Error(WireError {
             utterance: r.u32("utterance")?,
@@ -289,6 +323,11 @@ impl Reader {
     fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
         self.need(4, what)?;
         Ok(self.buf.get_u32())
+    }
+
+    fn f32(&mut self, what: &'static str) -> Result<f32, FrameError> {
+        self.need(4, what)?;
+        Ok(self.buf.get_f32())
     }
 
     fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], FrameError> {
@@ -337,6 +376,7 @@ impl Frame {
                 put_str8(&mut body, &h.jurisdiction, "jurisdiction")?;
                 put_str8(&mut body, &h.edge, "edge")?;
                 put_str8(&mut body, &h.language, "language")?;
+                put_str8(&mut body, &h.translate, "translate")?;
             }
             Frame::Audio(audio) => {
                 body.put_u8(T_AUDIO);
@@ -354,10 +394,17 @@ impl Frame {
                 body.put_u32(f.inference_us);
                 put_str8(&mut body, &f.region, "region")?;
                 put_str8(&mut body, &f.model, "model")?;
-                let len =
-                    u32::try_from(f.text.len()).map_err(|_| FrameError::TooLarge(f.text.len()))?;
-                body.put_u32(len);
-                body.put_slice(f.text.as_bytes());
+                put_str32(&mut body, &f.text)?;
+                put_str8(&mut body, &f.language, "language")?;
+                body.put_f32(f.language_probability);
+                match &f.translation {
+                    None => body.put_u8(0),
+                    Some(t) => {
+                        body.put_u8(1);
+                        put_str8(&mut body, &t.language, "translation language")?;
+                        put_str32(&mut body, &t.text)?;
+                    }
+                }
             }
             Frame::Error(e) => {
                 body.put_u8(T_ERROR);
@@ -384,6 +431,13 @@ fn put_str8(dst: &mut BytesMut, s: &str, what: &'static str) -> Result<(), Frame
         max: u8::MAX as usize,
     })?;
     dst.put_u8(len);
+    dst.put_slice(s.as_bytes());
+    Ok(())
+}
+
+fn put_str32(dst: &mut BytesMut, s: &str) -> Result<(), FrameError> {
+    let len = u32::try_from(s.len()).map_err(|_| FrameError::TooLarge(s.len()))?;
+    dst.put_u32(len);
     dst.put_slice(s.as_bytes());
     Ok(())
 }
@@ -530,6 +584,7 @@ mod tests {
             jurisdiction: "eu".into(),
             edge: "e1".into(),
             language: "en".into(),
+            translate: String::new(),
             sample_rate: 16_000,
         }
     }
@@ -546,11 +601,11 @@ mod tests {
 
     #[test]
     fn header_layout_is_fixed() {
-        let mut expected = vec![0, 0, 0, 35, 0x01, 0x01];
+        let mut expected = vec![0, 0, 0, 36, 0x01, 0x02];
         expected.extend([0xab; 16]);
         expected.extend([0, 0, 0, 7]); // utterance
         expected.extend([0, 0, 0x3e, 0x80]); // 16000
-        expected.extend([2, b'e', b'u', 2, b'e', b'1', 2, b'e', b'n']);
+        expected.extend([2, b'e', b'u', 2, b'e', b'1', 2, b'e', b'n', 0]);
         assert_eq!(bytes_of(&Frame::Header(header())), expected);
         assert_eq!(decode_all(&expected), Ok(Some(Frame::Header(header()))));
     }
@@ -580,13 +635,43 @@ mod tests {
             audio_sha256: [1; 32],
             queue_us: 2,
             inference_us: 300,
+            language: "fr".into(),
+            language_probability: 0.5,
+            translation: None,
         };
-        let mut expected = vec![0, 0, 0, 58, 0x10, 0, 0, 0, 1];
+        let mut expected = vec![0, 0, 0, 66, 0x10, 0, 0, 0, 1];
         expected.extend([1; 32]);
         expected.extend([0, 0, 0, 2, 0, 0, 1, 44]);
         expected.extend([1, b'r', 3, b'm', b'@', b'1', 0, 0, 0, 3, b'h', 0xc3, 0xa9]);
+        expected.extend([2, b'f', b'r', 0x3f, 0, 0, 0, 0]); // language, 0.5f32, no translation
         assert_eq!(bytes_of(&Frame::Final(fin.clone())), expected);
-        assert_eq!(decode_all(&expected), Ok(Some(Frame::Final(fin))));
+        assert_eq!(decode_all(&expected), Ok(Some(Frame::Final(fin.clone()))));
+
+        // With a translation: flag 1, its language and text.
+        let translated = Final {
+            translation: Some(Translation {
+                language: "en".into(),
+                text: "hi".into(),
+            }),
+            ..fin
+        };
+        let mut with = expected.clone();
+        with[3] += 9;
+        let last = with.len() - 1;
+        with[last] = 1;
+        with.extend([2, b'e', b'n', 0, 0, 0, 2, b'h', b'i']);
+        assert_eq!(bytes_of(&Frame::Final(translated.clone())), with);
+        assert_eq!(decode_all(&with), Ok(Some(Frame::Final(translated))));
+        // A flag other than 0 or 1 is invalid, not "present".
+        let mut bad = expected.clone();
+        bad[last] = 2;
+        assert_eq!(
+            decode_all(&bad),
+            Err(FrameError::InvalidFlag {
+                what: "translation",
+                value: 2
+            })
+        );
 
         let err = [
             0, 0, 0, 25, 0x11, 0, 0, 0, 3, 17, b'r', b'e', b's', b'i', b'd', b'e', b'n', b'c',
@@ -646,7 +731,7 @@ mod tests {
             Err(FrameError::UnknownType(0x7f))
         );
         assert_eq!(
-            decode_all(&[0, 0, 0, 3, 0x01, 0x01, 0xab]),
+            decode_all(&[0, 0, 0, 3, 0x01, 0x02, 0xab]),
             Err(FrameError::Truncated {
                 kind: 1,
                 what: "session id"
@@ -672,8 +757,8 @@ mod tests {
         );
         // Invalid UTF-8 in a string field.
         let mut bad = bytes_of(&Frame::Header(header()));
-        let last = bad.len() - 1;
-        bad[last] = 0xff;
+        let last_of_language = bad.len() - 2; // the last byte is translate's length
+        bad[last_of_language] = 0xff;
         assert_eq!(
             decode_all(&bad),
             Err(FrameError::InvalidUtf8 { what: "language" })

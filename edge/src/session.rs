@@ -14,8 +14,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use earshot_common::audio::{Encoding, f32le_to_s16le, s16le_to_f32};
 use earshot_common::client::{
-    ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, ServerMessage, SessionInfo, hex,
-    micros_to_ms, parse_client_message,
+    ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, ServerMessage, SessionInfo,
+    TranslationMessage, hex, micros_to_ms, parse_client_message,
 };
 use earshot_common::wire::{self, Header};
 use futures::StreamExt;
@@ -49,12 +49,22 @@ pub struct ListenParams {
     pub sample_rate: u32,
     pub encoding: Encoding,
     pub language: Option<String>,
+    /// Language to translate finals into (`translate=en`).
+    pub translate: Option<String>,
 }
 
 /// A refusal before the session starts: code, message, close code.
 type Refusal = (ClientErrorCode, String, u16);
 
-const KNOWN_PARAMS: &str = "sample_rate, encoding, language";
+const KNOWN_PARAMS: &str = "sample_rate, encoding, language, translate";
+
+/// Languages a region can translate into: Whisper's translate task gives
+/// English.
+pub const TRANSLATION_TARGETS: &[&str] = &["en"];
+
+fn is_language_code(value: &str) -> bool {
+    (2..=3).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_lowercase())
+}
 
 /// Parses the query. Every parameter is optional: the defaults are
 /// `sample_rate=16000`, `encoding=pcm_s16le` and no language hint.
@@ -63,6 +73,7 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
         sample_rate: wire::SAMPLE_RATE,
         encoding: Encoding::PcmS16le,
         language: None,
+        translate: None,
     };
     for (key, value) in query {
         match key.as_str() {
@@ -96,14 +107,27 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
                     )
                 })?;
             }
-            "language" => {
-                let ok =
-                    (2..=3).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_lowercase());
-                if !ok {
+            // `auto` (or nothing) lets the model detect the language.
+            "language" if value == "auto" => params.language = None,
+            "translate" => {
+                if !is_language_code(value) {
                     return Err((
                         ClientErrorCode::InvalidQuery,
                         format!(
-                            "language {:?} must be an ISO 639-1 code such as \"en\"",
+                            "translate {:?} must be an ISO 639-1 code such as \"en\"",
+                            truncate(value)
+                        ),
+                        close::POLICY,
+                    ));
+                }
+                params.translate = Some(value.clone());
+            }
+            "language" => {
+                if !is_language_code(value) {
+                    return Err((
+                        ClientErrorCode::InvalidQuery,
+                        format!(
+                            "language {:?} must be an ISO 639-1 code such as \"en\", or auto",
                             truncate(value)
                         ),
                         close::POLICY,
@@ -257,6 +281,28 @@ impl Session {
             return;
         }
         tracing::info!(encoding = self.params.encoding.as_str(), "session started");
+        if let Some(target) = self.params.translate.clone()
+            && !TRANSLATION_TARGETS.contains(&target.as_str())
+        {
+            // One error for the session; its finals still come.
+            self.params.translate = None;
+            let message = format!(
+                "no model translates into {target:?} (available: {}); finals come without translations",
+                TRANSLATION_TARGETS.join(", ")
+            );
+            if self
+                .send_error(
+                    &mut socket,
+                    ClientErrorCode::TranslationUnavailable,
+                    message,
+                    false,
+                )
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
 
         let idle = Duration::from_millis(edge.config.limits.idle_timeout_ms);
         let max_pending = edge.config.limits.max_pending_utterances;
@@ -465,6 +511,7 @@ impl Session {
             jurisdiction: self.edge.jurisdiction.clone(),
             edge: self.edge.name.clone(),
             language: self.params.language.clone().unwrap_or_default(),
+            translate: self.params.translate.clone().unwrap_or_default(),
             sample_rate: wire::SAMPLE_RATE,
         };
         let uplink = self.edge.uplink.clone();
@@ -534,6 +581,17 @@ impl Session {
                     text = %earshot_common::telemetry::content(&answer.fin.text),
                     "final"
                 );
+                let language =
+                    (!answer.fin.language.is_empty()).then(|| answer.fin.language.clone());
+                let language_probability = (answer.fin.language_probability >= 0.0)
+                    .then_some(answer.fin.language_probability);
+                let translation = answer.fin.translation.map(|t| {
+                    ServerMessage::Translation(TranslationMessage {
+                        utterance: outcome.number,
+                        language: t.language,
+                        text: t.text,
+                    })
+                });
                 let msg = ServerMessage::Final(FinalMessage {
                     utterance: outcome.number,
                     text: answer.fin.text,
@@ -545,8 +603,14 @@ impl Session {
                     latency_ms: micros_to_ms(latency.as_micros() as u64),
                     queue_ms: micros_to_ms(answer.fin.queue_us.into()),
                     inference_ms: micros_to_ms(answer.fin.inference_us.into()),
+                    language,
+                    language_probability,
                 });
-                self.send(socket, msg).await
+                self.send(socket, msg).await?;
+                match translation {
+                    Some(t) => self.send(socket, t).await,
+                    None => Ok(()),
+                }
             }
             Err(e) => {
                 metrics
@@ -634,7 +698,8 @@ mod tests {
             ListenParams {
                 sample_rate: 16_000,
                 encoding: Encoding::PcmS16le,
-                language: None
+                language: None,
+                translate: None,
             }
         );
         let p = parse_params(&q(&[("encoding", "pcm_f32le"), ("language", "de")])).unwrap();

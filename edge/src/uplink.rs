@@ -62,7 +62,7 @@ fn describe(attempts: &[Attempt]) -> String {
 }
 
 /// A region's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
     pub region: String,
     pub fin: Final,

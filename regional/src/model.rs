@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use earshot_asr::{AsrError, EncoderWindow, Transcript, WhisperModel};
+use earshot_asr::{AsrError, EncoderWindow, Recognition, WhisperModel};
 use earshot_common::manifest::{MANIFEST_FILE, Manifest};
 
 pub struct ModelSlot {
@@ -92,11 +92,21 @@ impl ModelSlot {
         }))
     }
 
-    pub fn transcribe(
-        &mut self,
+    /// Transcribes `pcm`; with `translate_to = Some("en")` also translates
+    /// it (Whisper's translate task; an English-only model's transcript is
+    /// already English). Other targets are not served here: the edge
+    /// refuses them per session.
+    pub fn recognize(
+        &self,
         pcm: &[f32],
         language: Option<&str>,
-    ) -> Result<Transcript, AsrError> {
-        self.model.transcribe(pcm, language)
+        translate_to: Option<&str>,
+    ) -> Result<Recognition, AsrError> {
+        let to_english = translate_to == Some("en");
+        let (mut r, _) = self.model.recognize(pcm, language, to_english)?;
+        if to_english && r.translation.is_none() {
+            r.translation = Some(r.transcript.clone());
+        }
+        Ok(r)
     }
 }

@@ -69,6 +69,7 @@ impl Job {
             ("jurisdiction", h.jurisdiction.clone().into_bytes()),
             ("edge", h.edge.clone().into_bytes()),
             ("language", h.language.clone().into_bytes()),
+            ("translate", h.translate.clone().into_bytes()),
             ("sample_rate", h.sample_rate.to_string().into_bytes()),
             ("sha256", hex(&self.audio_sha256).into_bytes()),
             ("enqueued_us", self.enqueued_us.to_string().into_bytes()),
@@ -104,6 +105,7 @@ impl Job {
                 jurisdiction: text("jurisdiction")?,
                 edge: text("edge")?,
                 language: text("language")?,
+                translate: text("translate")?,
                 sample_rate: u32::try_from(number("sample_rate")?)
                     .map_err(|_| "sample rate out of range")?,
             },
@@ -267,6 +269,7 @@ mod tests {
                 jurisdiction: "eu".into(),
                 edge: "e".into(),
                 language: String::new(),
+                translate: "en".into(),
                 sample_rate: 16_000,
             },
             audio: Bytes::from_static(&[0, 1, 2, 255]),

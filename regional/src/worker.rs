@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use earshot_common::audio::s16le_to_f32;
 use earshot_common::retry::Backoff;
 use earshot_common::topology::Topology;
-use earshot_common::wire::{ErrorCode, Final, Frame, WireError};
+use earshot_common::wire::{ErrorCode, Final, Frame, Translation, WireError};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
@@ -242,10 +242,12 @@ async fn answer(
 
     let pcm = s16le_to_f32(&job.audio);
     let language = (!job.header.language.is_empty()).then(|| job.header.language.clone());
+    let translate = (!job.header.translate.is_empty()).then(|| job.header.translate.clone());
     let started = Instant::now();
     // Inference is CPU-bound: keep it off the async workers.
     let model = model.clone();
     let metrics = ctx.metrics.clone();
+    let target = translate.clone();
     let result = tokio::task::spawn_blocking(move || {
         let mut slot = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // A new model version (the sync agent switched `current`) takes
@@ -261,7 +263,8 @@ async fn answer(
             }
             None => {}
         }
-        slot.transcribe(&pcm, language.as_deref()).map(|t| (t, slot.id().to_owned()))
+        slot.recognize(&pcm, language.as_deref(), target.as_deref())
+            .map(|r| (r, slot.id().to_owned()))
     })
     .await;
     let took = started.elapsed();
@@ -272,16 +275,27 @@ async fn answer(
     });
     ctx.metrics.inference.observe(took.as_secs_f64());
     match result {
-        Ok((t, model_id)) => {
+        Ok((r, model_id)) => {
+            let t = r.transcript;
             tracing::info!(
                 inference_ms = took.as_millis() as u64,
                 tokens = t.tokens.len(),
+                language = t.language.as_deref().unwrap_or(""),
+                no_speech = t.no_speech_probability,
+                withheld = t.withheld.map(|w| w.as_str()),
                 text = %earshot_common::telemetry::content(&t.text),
                 "transcribed"
             );
+            let translation = r.translation.zip(translate).map(|(tr, to)| Translation {
+                language: to,
+                text: tr.text,
+            });
             let frame = Frame::Final(Final {
                 utterance,
                 text: t.text,
+                language: t.language.unwrap_or_default(),
+                language_probability: t.language_probability.unwrap_or(-1.0),
+                translation,
                 region: ctx.region.clone(),
                 model: model_id,
                 audio_sha256: sha,

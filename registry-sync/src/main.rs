@@ -61,6 +61,17 @@ enum FormatArg {
     Onnx,
 }
 
+/// The layout of the directory `import` reads.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SourceArg {
+    /// Hugging Face's published layout: config.json, model.safetensors,
+    /// tokenizer.json.
+    Hf,
+    /// faster-whisper's: CTranslate2's model.bin, config.json,
+    /// tokenizer.json; converted on the way.
+    Ctranslate2,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum QuantArg {
     None,
@@ -126,9 +137,12 @@ enum Cmd {
         quantization: QuantArg,
     },
     /// Publish downloaded Whisper weights (config.json, model.safetensors,
-    /// tokenizer.json), optionally quantized to GGUF for the edge tier.
+    /// tokenizer.json, or a faster-whisper directory with --from
+    /// ctranslate2), optionally quantized to GGUF for the edge tier.
     Import {
         dir: PathBuf,
+        #[arg(long, value_enum, default_value = "hf")]
+        from: SourceArg,
         #[command(flatten)]
         describe: Describe,
         #[arg(long, value_enum)]
@@ -363,11 +377,24 @@ async fn run(args: Args) -> Result<(), Failure> {
         }
         Cmd::Import {
             dir,
+            from,
             describe,
             quantize,
         } => {
             let registry = registry(&args)?;
             let scratch = tempfile::tempdir()?;
+            let converted = tempfile::tempdir()?;
+            let dir = if *from == SourceArg::Ctranslate2 {
+                let (src, out) = (dir.clone(), converted.path().to_owned());
+                eprintln!("converting {} from CTranslate2", src.display());
+                tokio::task::spawn_blocking(move || earshot_asr::ct2::convert(&src, &out))
+                    .await
+                    .context("conversion task")?
+                    .with_context(|| format!("converting {}", dir.display()))?;
+                &converted.path().to_owned()
+            } else {
+                dir
+            };
             let (source, format, q) = match quantize {
                 None | Some(QuantArg::None) => {
                     (dir.clone(), Format::Safetensors, Quantization::None)

@@ -1,0 +1,357 @@
+//! Whisper's network on candle, written for serving: the weights are
+//! immutable and shared (`Net` is `Send + Sync`), and each decode carries its
+//! own state ([`DecodeState`]) with a self-attention key/value cache, so a
+//! step feeds only the new token instead of re-running the whole prefix.
+//!
+//! It reads the published Hugging Face tensor names. At load time the
+//! self-attention q/k/v projections are fused into one matrix, and the
+//! attention scale `1/sqrt(d_head)` is folded into the query weights (Whisper
+//! scales q and k by `d_head^-1/4` each; the key has no bias, so this is the
+//! same). Activations use the exact (erf) GELU, as OpenAI's model does.
+//! Every call takes a batch dimension: rows are independent utterances.
+
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::whisper::Config;
+
+fn linear(vb: &VarBuilder, rows: usize, cols: usize, bias: bool) -> Result<Linear> {
+    let w = vb.get((rows, cols), "weight")?;
+    let b = if bias {
+        Some(vb.get(rows, "bias")?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+fn layer_norm(vb: &VarBuilder, size: usize) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        vb.get(size, "weight")?,
+        vb.get(size, "bias")?,
+        1e-5,
+    ))
+}
+
+/// The MLP's width, read off the first layer (Whisper's is `4 * d`).
+fn ffn_dim(stack: &VarBuilder, d: usize) -> usize {
+    stack
+        .pp("layers.0.fc1")
+        .get_unchecked("weight")
+        .and_then(|w| w.dim(0))
+        .unwrap_or(4 * d)
+}
+
+/// q, k and v of one attention in a single matrix: `[q * s; k; v]`.
+fn fused_qkv(vb: &VarBuilder, d: usize, scale: f64) -> Result<Linear> {
+    let q = vb.pp("q_proj");
+    let (k, v) = (vb.pp("k_proj"), vb.pp("v_proj"));
+    let w = Tensor::cat(
+        &[
+            (q.get((d, d), "weight")? * scale)?,
+            k.get((d, d), "weight")?,
+            v.get((d, d), "weight")?,
+        ],
+        0,
+    )?;
+    let zeros = Tensor::zeros(d, w.dtype(), w.device())?;
+    let b = Tensor::cat(&[(q.get(d, "bias")? * scale)?, zeros, v.get(d, "bias")?], 0)?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+/// `(B, L, H*dh)` to `(B, H, L, dh)`, contiguous.
+fn heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    x.reshape((b, l, n_head, d / n_head))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
+/// Scaled dot-product attention; `q` is pre-scaled. Returns `(B, Lq, D)`.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let mut w = q.matmul(&k.t()?)?;
+    if let Some(mask) = mask {
+        w = w.broadcast_add(mask)?;
+    }
+    let w = candle_nn::ops::softmax_last_dim(&w)?;
+    let (b, h, l, dh) = (w.dim(0)?, w.dim(1)?, w.dim(2)?, v.dim(3)?);
+    w.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * dh))
+}
+
+/// Splits a fused `(B, L, 3D)` projection into per-head q, k, v.
+fn split_qkv(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = qkv.dim(D::Minus1)? / 3;
+    Ok((
+        heads(&qkv.narrow(D::Minus1, 0, d)?, n_head)?,
+        heads(&qkv.narrow(D::Minus1, d, d)?, n_head)?,
+        heads(&qkv.narrow(D::Minus1, 2 * d, d)?, n_head)?,
+    ))
+}
+
+struct Mlp {
+    ln: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn load(vb: &VarBuilder, d: usize, ffn: usize) -> Result<Self> {
+        Ok(Mlp {
+            ln: layer_norm(&vb.pp("final_layer_norm"), d)?,
+            fc1: linear(&vb.pp("fc1"), ffn, d, true)?,
+            fc2: linear(&vb.pp("fc2"), d, ffn, true)?,
+        })
+    }
+
+    fn residual(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(&self.ln.forward(x)?)?.gelu_erf()?;
+        x + self.fc2.forward(&h)?
+    }
+}
+
+struct EncoderLayer {
+    ln: LayerNorm,
+    qkv: Linear,
+    out: Linear,
+    mlp: Mlp,
+}
+
+struct Encoder {
+    conv1: Conv1d,
+    conv2: Conv1d,
+    positions: Tensor,
+    layers: Vec<EncoderLayer>,
+    ln_post: LayerNorm,
+    n_head: usize,
+}
+
+struct DecoderLayer {
+    self_ln: LayerNorm,
+    self_qkv: Linear,
+    self_out: Linear,
+    cross_ln: LayerNorm,
+    cross_q: Linear,
+    cross_k: Linear,
+    cross_v: Linear,
+    cross_out: Linear,
+    mlp: Mlp,
+}
+
+struct Decoder {
+    embed: Tensor,
+    positions: Tensor,
+    layers: Vec<DecoderLayer>,
+    ln: LayerNorm,
+    n_head: usize,
+}
+
+/// Whisper's encoder and decoder weights.
+pub struct Net {
+    encoder: Encoder,
+    decoder: Decoder,
+    max_target: usize,
+    device: Device,
+}
+
+/// One batch's decoding state: the cross-attention keys and values of its
+/// audio, and the self-attention cache of the tokens fed so far.
+pub struct DecodeState {
+    cross: Vec<(Tensor, Tensor)>,
+    cache: Vec<KvCache>,
+    position: usize,
+}
+
+impl DecodeState {
+    /// Tokens fed so far.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+}
+
+impl Net {
+    /// Loads the published tensors (`model.encoder.*`, `model.decoder.*`).
+    pub fn load(vb: &VarBuilder, cfg: &Config) -> Result<Net> {
+        let d = cfg.d_model;
+        let enc_vb = vb.pp("model.encoder");
+        let conv = |name: &str, cin: usize, stride: usize| -> Result<Conv1d> {
+            let c = enc_vb.pp(name);
+            let config = Conv1dConfig {
+                padding: 1,
+                stride,
+                groups: 1,
+                dilation: 1,
+                cudnn_fwd_algo: None,
+            };
+            Ok(Conv1d::new(
+                c.get((d, cin, 3), "weight")?,
+                Some(c.get(d, "bias")?),
+                config,
+            ))
+        };
+        let enc_scale = 1.0 / ((d / cfg.encoder_attention_heads) as f64).sqrt();
+        let enc_ffn = ffn_dim(&enc_vb, d);
+        let encoder = Encoder {
+            conv1: conv("conv1", cfg.num_mel_bins, 1)?,
+            conv2: conv("conv2", d, 2)?,
+            positions: enc_vb.get((cfg.max_source_positions, d), "embed_positions.weight")?,
+            layers: (0..cfg.encoder_layers)
+                .map(|i| {
+                    let l = enc_vb.pp(format!("layers.{i}"));
+                    Ok(EncoderLayer {
+                        ln: layer_norm(&l.pp("self_attn_layer_norm"), d)?,
+                        qkv: fused_qkv(&l.pp("self_attn"), d, enc_scale)?,
+                        out: linear(&l.pp("self_attn.out_proj"), d, d, true)?,
+                        mlp: Mlp::load(&l, d, enc_ffn)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            ln_post: layer_norm(&enc_vb.pp("layer_norm"), d)?,
+            n_head: cfg.encoder_attention_heads,
+        };
+
+        let dec_vb = vb.pp("model.decoder");
+        let dec_scale = 1.0 / ((d / cfg.decoder_attention_heads) as f64).sqrt();
+        let dec_ffn = ffn_dim(&dec_vb, d);
+        let decoder = Decoder {
+            embed: dec_vb.get((cfg.vocab_size, d), "embed_tokens.weight")?,
+            positions: dec_vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
+            layers: (0..cfg.decoder_layers)
+                .map(|i| {
+                    let l = dec_vb.pp(format!("layers.{i}"));
+                    let c = l.pp("encoder_attn");
+                    let q = linear(&c.pp("q_proj"), d, d, true)?;
+                    let cross_q = Linear::new(
+                        (q.weight() * dec_scale)?,
+                        q.bias().map(|b| b * dec_scale).transpose()?,
+                    );
+                    Ok(DecoderLayer {
+                        self_ln: layer_norm(&l.pp("self_attn_layer_norm"), d)?,
+                        self_qkv: fused_qkv(&l.pp("self_attn"), d, dec_scale)?,
+                        self_out: linear(&l.pp("self_attn.out_proj"), d, d, true)?,
+                        cross_ln: layer_norm(&l.pp("encoder_attn_layer_norm"), d)?,
+                        cross_q,
+                        cross_k: linear(&c.pp("k_proj"), d, d, false)?,
+                        cross_v: linear(&c.pp("v_proj"), d, d, true)?,
+                        cross_out: linear(&c.pp("out_proj"), d, d, true)?,
+                        mlp: Mlp::load(&l, d, dec_ffn)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            ln: layer_norm(&dec_vb.pp("layer_norm"), d)?,
+            n_head: cfg.decoder_attention_heads,
+        };
+        Ok(Net {
+            encoder,
+            decoder,
+            max_target: cfg.max_target_positions,
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Log-mel `(B, n_mels, frames)` to audio features `(B, frames/2, D)`.
+    pub fn encode(&self, mel: &Tensor) -> Result<Tensor> {
+        let e = &self.encoder;
+        let x = e.conv1.forward(mel)?.gelu_erf()?;
+        let x = e.conv2.forward(&x)?.gelu_erf()?.transpose(1, 2)?;
+        let len = x.dim(1)?;
+        if len > e.positions.dim(0)? {
+            candle_core::bail!("{len} audio positions exceed the encoder's context");
+        }
+        let mut x = x.broadcast_add(&e.positions.narrow(0, 0, len)?)?;
+        for layer in &e.layers {
+            let (q, k, v) = split_qkv(&layer.qkv.forward(&layer.ln.forward(&x)?)?, e.n_head)?;
+            let a = attend(&q, &k, &v, None)?;
+            x = layer.mlp.residual(&(&x + layer.out.forward(&a)?)?)?;
+        }
+        e.ln_post.forward(&x)
+    }
+
+    /// A fresh decoding state for audio features `(B, S, D)`.
+    pub fn start(&self, features: &Tensor) -> Result<DecodeState> {
+        let n_head = self.decoder.n_head;
+        let cross = self
+            .decoder
+            .layers
+            .iter()
+            .map(|l| {
+                Ok((
+                    heads(&l.cross_k.forward(features)?, n_head)?,
+                    heads(&l.cross_v.forward(features)?, n_head)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(DecodeState {
+            cross,
+            cache: (0..self.decoder.layers.len())
+                .map(|_| KvCache::new(2, self.max_target))
+                .collect(),
+            position: 0,
+        })
+    }
+
+    /// Feeds `tokens` `(B, L)` after those already in `state`; returns the
+    /// decoder's hidden states `(B, L, D)` for them.
+    pub fn step(&self, state: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
+        let dec = &self.decoder;
+        let (b, l) = tokens.dims2()?;
+        let p0 = state.position;
+        if p0 + l > self.max_target {
+            candle_core::bail!("decoder context of {} tokens exceeded", self.max_target);
+        }
+        let embedded = dec
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, l, ()))?;
+        let mut x = embedded.broadcast_add(&dec.positions.narrow(0, p0, l)?)?;
+        // New token i (at p0 + i) may see keys 0..=p0 + i.
+        let mask = if l > 1 {
+            let m: Vec<f32> = (0..l)
+                .flat_map(|i| {
+                    (0..p0 + l).map(move |j| if j > p0 + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            Some(Tensor::from_vec(m, (l, p0 + l), &self.device)?.to_dtype(x.dtype())?)
+        } else {
+            None
+        };
+        for ((layer, cache), (ck, cv)) in dec
+            .layers
+            .iter()
+            .zip(state.cache.iter_mut())
+            .zip(state.cross.iter())
+        {
+            let (q, k, v) = split_qkv(
+                &layer.self_qkv.forward(&layer.self_ln.forward(&x)?)?,
+                dec.n_head,
+            )?;
+            let (k, v) = cache.append(&k, &v)?;
+            let a = attend(&q, &k, &v, mask.as_ref())?;
+            x = (&x + layer.self_out.forward(&a)?)?;
+            let q = heads(
+                &layer.cross_q.forward(&layer.cross_ln.forward(&x)?)?,
+                dec.n_head,
+            )?;
+            let a = attend(&q, ck, cv, None)?;
+            x = layer.mlp.residual(&(&x + layer.cross_out.forward(&a)?)?)?;
+        }
+        state.position += l;
+        dec.ln.forward(&x)
+    }
+
+    /// Logits `(B, V)` for the hidden state at position `at` of each row
+    /// (the output projection is the token embedding, tied).
+    pub fn logits_at(&self, hidden: &Tensor, at: usize) -> Result<Tensor> {
+        let h = hidden.i((.., at, ..))?.contiguous()?;
+        // `(V, D) x (D, B)`: the embedding is read in place, never transposed
+        // into a copy.
+        self.decoder
+            .embed
+            .matmul(&h.t()?)?
+            .t()?
+            .to_dtype(DType::F32)
+    }
+}

@@ -1,0 +1,136 @@
+//! `earshot bench asr`: word error rate and per-utterance latency of the
+//! regional worker's Whisper on real weights, in the JSON-lines format of
+//! `../shared/peers/` so faster-whisper runs on the same WAVs land in the
+//! same tables.
+//!
+//! The audio set (`<out>/audio/manifest.tsv` and its WAVs: the English
+//! sentences of [`speech::ENGLISH`] spoken by espeak-ng `en-us`) is written
+//! once and reused. Each file is transcribed once untimed (the first only,
+//! as a warm-up) and then `runs` times; its time is the median. The thread
+//! count is candle's (`RAYON_NUM_THREADS`, else every core).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use earshot_asr::{EncoderWindow, WhisperModel};
+
+use crate::speech;
+
+/// One file of the audio set.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub id: String,
+    pub lang: String,
+    pub wav: PathBuf,
+    pub text: String,
+}
+
+/// Writes (once) and lists the audio set under `dir`.
+pub fn audio_set(dir: &Path) -> anyhow::Result<Vec<Item>> {
+    let manifest = dir.join("manifest.tsv");
+    let items: Vec<Item> = speech::ENGLISH
+        .iter()
+        .enumerate()
+        .map(|(i, text)| Item {
+            id: format!("en-{i:02}"),
+            lang: "en".into(),
+            wav: dir.join(format!("en/en-{i:02}.wav")),
+            text: (*text).to_owned(),
+        })
+        .collect();
+    if manifest.is_file() && items.iter().all(|i| i.wav.is_file()) {
+        return Ok(items);
+    }
+    std::fs::create_dir_all(dir.join("en"))?;
+    let mut tsv = String::from("id\tlang\tvoice\tseconds\twav\ttext\n");
+    for item in &items {
+        let samples = speech::speak(&item.text, "en-us", &dir.join("en").join(&item.id))?;
+        speech::write_wav(&item.wav, &samples)?;
+        tsv.push_str(&format!(
+            "{}\t{}\ten-us\t{:.2}\ten/{}.wav\t{}\n",
+            item.id,
+            item.lang,
+            samples.len() as f64 / 16_000.0,
+            item.id,
+            item.text
+        ));
+    }
+    std::fs::write(&manifest, tsv)?;
+    Ok(items)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs the benchmark for `model` and appends its JSON lines to
+/// `<out>/results/earshot-<model>-<window>-t<threads>.jsonl`.
+pub fn run(model: &Path, out: &Path, runs: usize, window: EncoderWindow) -> anyhow::Result<()> {
+    let items = audio_set(&out.join("audio"))?;
+    let whisper = WhisperModel::load(model, window)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let threads = earshot_asr::inference_threads();
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let window_name = window.to_string();
+    std::fs::create_dir_all(out.join("results"))?;
+    let path = out
+        .join("results")
+        .join(format!("earshot-{name}-{window_name}-t{threads}.jsonl"));
+    let mut file = std::fs::File::create(&path)?;
+    let language = (!whisper.is_multilingual()).then_some("en");
+    let mut errors = earshot_asr::wer::WordErrors::default();
+    let mut totals = Vec::new();
+    let mut per_token = Vec::new();
+    for (n, item) in items.iter().enumerate() {
+        let pcm: Vec<f32> = speech::read_wav(&item.wav)?
+            .iter()
+            .map(|&s| f32::from(s) / 32768.0)
+            .collect();
+        if n == 0 {
+            whisper.recognize(&pcm, language, false)?;
+        }
+        let mut walls = Vec::new();
+        let mut last = None;
+        for _ in 0..runs.max(1) {
+            let started = Instant::now();
+            let r = whisper.recognize(&pcm, language, false)?;
+            walls.push(started.elapsed().as_secs_f64() * 1e3);
+            last = Some(r);
+        }
+        let (r, t) = last.context("no run")?;
+        let tr = r.transcript;
+        let total = median(walls.clone());
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        errors.add(&item.text, &tr.text);
+        totals.push(total);
+        per_token.push(ms(t.decoder) / (tr.tokens.len() + 1) as f64);
+        let line = serde_json::json!({
+            "engine": "earshot", "tag": "", "model": name, "window": window_name,
+            "threads": threads, "mode": "transcribe", "task": "transcribe",
+            "id": item.id, "lang": item.lang, "hint": language,
+            "seconds": pcm.len() as f64 / 16_000.0, "runs": runs,
+            "total_ms": total, "walls_ms": walls,
+            "mel_ms": ms(t.mel), "encoder_ms": ms(t.encoder), "decode_ms": ms(t.decoder),
+            "ref": item.text, "text": tr.text, "n_tokens": tr.tokens.len(),
+            "tokens": tr.tokens, "language": tr.language,
+            "no_speech_prob": tr.no_speech_probability, "avg_logprob": tr.avg_logprob,
+        });
+        writeln!(file, "{line}")?;
+        println!("{}\t{total:>7.0} ms\t{}", item.id, tr.text);
+    }
+    println!(
+        "{name} ({window_name} window, {threads} threads): WER {errors}, \
+         median {:.0} ms, p90 {:.0} ms per utterance, decoder {:.1} ms/token; wrote {}",
+        median(totals.clone()),
+        crate::bench::summarize(&totals).p90,
+        median(per_token),
+        path.display()
+    );
+    Ok(())
+}
