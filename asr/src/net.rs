@@ -131,14 +131,110 @@ struct DecoderLayer {
     self_out: Linear,
     cross_ln: LayerNorm,
     cross_q: Linear,
-    cross_k: Linear,
-    cross_v: Linear,
     cross_out: Linear,
     mlp: Mlp,
 }
 
+/// The token embedding, which is also the output projection (tied).
+enum Embedding {
+    /// On the CPU in f32: the rows in one vector. Each decoding step reads
+    /// all of it (vocabulary x width, 80 MB for tiny) for one token's
+    /// logits; a plain matrix-vector product over it, split across threads,
+    /// runs at memory speed, where a general matrix product packs it first.
+    Host {
+        rows: Vec<f32>,
+        dim: usize,
+    },
+    Device(Tensor),
+}
+
+impl Embedding {
+    fn new(t: Tensor) -> Result<Embedding> {
+        if t.device().is_cpu() && t.dtype() == DType::F32 {
+            let dim = t.dim(1)?;
+            Ok(Embedding::Host {
+                rows: t.flatten_all()?.to_vec1()?,
+                dim,
+            })
+        } else {
+            Ok(Embedding::Device(t))
+        }
+    }
+
+    /// Rows for `tokens` `(B, L)`, as `(B, L, D)`.
+    fn lookup(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, l) = tokens.dims2()?;
+        match self {
+            Embedding::Device(t) => t
+                .index_select(&tokens.flatten_all()?, 0)?
+                .reshape((b, l, ())),
+            Embedding::Host { rows, dim } => {
+                let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
+                let mut out = Vec::with_capacity(ids.len() * dim);
+                for id in ids {
+                    let start = id as usize * dim;
+                    let row = rows.get(start..start + dim).ok_or_else(|| {
+                        candle_core::Error::Msg(format!("token {id} out of range"))
+                    })?;
+                    out.extend_from_slice(row);
+                }
+                Tensor::from_vec(out, (b, l, *dim), tokens.device())
+            }
+        }
+    }
+
+    /// Logits `(B, V)` for hidden states `(B, D)`.
+    fn project(&self, h: &Tensor) -> Result<Tensor> {
+        match self {
+            Embedding::Device(t) => t.matmul(&h.t()?)?.t()?.to_dtype(DType::F32),
+            Embedding::Host { rows, dim } => {
+                let hs: Vec<Vec<f32>> = h.to_dtype(DType::F32)?.to_vec2()?;
+                let vocab = rows.len() / dim;
+                let mut out = vec![0f32; hs.len() * vocab];
+                let threads = candle_core::utils::get_num_threads().clamp(1, 16);
+                let per = vocab.div_ceil(threads);
+                for (hidden, logits) in hs.iter().zip(out.chunks_mut(vocab)) {
+                    std::thread::scope(|s| {
+                        for (n, chunk) in logits.chunks_mut(per).enumerate() {
+                            let rows = &rows[n * per * dim..];
+                            s.spawn(move || {
+                                for (i, logit) in chunk.iter_mut().enumerate() {
+                                    *logit = dot(&rows[i * dim..(i + 1) * dim], hidden);
+                                }
+                            });
+                        }
+                    });
+                }
+                Tensor::from_vec(out, (hs.len(), vocab), h.device())
+            }
+        }
+    }
+}
+
+/// A dot product in 16 independent lanes, which the compiler vectorises.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 struct Decoder {
-    embed: Tensor,
+    /// Every layer's cross-attention keys and values in one matrix
+    /// `[k_0; v_0; k_1; v_1; ...]`: the audio is projected for all layers
+    /// in one product when decoding starts.
+    cross_kv: Linear,
+    embed: Embedding,
     positions: Tensor,
     layers: Vec<DecoderLayer>,
     ln: LayerNorm,
@@ -212,8 +308,22 @@ impl Net {
         let dec_vb = vb.pp("model.decoder");
         let dec_scale = 1.0 / ((d / cfg.decoder_attention_heads) as f64).sqrt();
         let dec_ffn = ffn_dim(&dec_vb, d);
+        let mut kv_weights = Vec::new();
+        let mut kv_biases = Vec::new();
+        for i in 0..cfg.decoder_layers {
+            let c = dec_vb.pp(format!("layers.{i}.encoder_attn"));
+            kv_weights.push(c.pp("k_proj").get((d, d), "weight")?);
+            kv_weights.push(c.pp("v_proj").get((d, d), "weight")?);
+            let v_bias = c.pp("v_proj").get(d, "bias")?;
+            kv_biases.push(Tensor::zeros(d, v_bias.dtype(), v_bias.device())?);
+            kv_biases.push(v_bias);
+        }
         let decoder = Decoder {
-            embed: dec_vb.get((cfg.vocab_size, d), "embed_tokens.weight")?,
+            cross_kv: Linear::new(
+                Tensor::cat(&kv_weights, 0)?,
+                Some(Tensor::cat(&kv_biases, 0)?),
+            ),
+            embed: Embedding::new(dec_vb.get((cfg.vocab_size, d), "embed_tokens.weight")?)?,
             positions: dec_vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
             layers: (0..cfg.decoder_layers)
                 .map(|i| {
@@ -230,8 +340,6 @@ impl Net {
                         self_out: linear(&l.pp("self_attn.out_proj"), d, d, true)?,
                         cross_ln: layer_norm(&l.pp("encoder_attn_layer_norm"), d)?,
                         cross_q,
-                        cross_k: linear(&c.pp("k_proj"), d, d, false)?,
-                        cross_v: linear(&c.pp("v_proj"), d, d, true)?,
                         cross_out: linear(&c.pp("out_proj"), d, d, true)?,
                         mlp: Mlp::load(&l, d, dec_ffn)?,
                     })
@@ -250,6 +358,11 @@ impl Net {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The weights' element type (the encoder's input must match).
+    pub fn dtype(&self) -> DType {
+        self.encoder.positions.dtype()
     }
 
     /// Log-mel `(B, n_mels, frames)` to audio features `(B, frames/2, D)`.
@@ -273,14 +386,13 @@ impl Net {
     /// A fresh decoding state for audio features `(B, S, D)`.
     pub fn start(&self, features: &Tensor) -> Result<DecodeState> {
         let n_head = self.decoder.n_head;
-        let cross = self
-            .decoder
-            .layers
-            .iter()
-            .map(|l| {
+        let kv = self.decoder.cross_kv.forward(features)?;
+        let d = kv.dim(D::Minus1)? / (2 * self.decoder.layers.len());
+        let cross = (0..self.decoder.layers.len())
+            .map(|i| {
                 Ok((
-                    heads(&l.cross_k.forward(features)?, n_head)?,
-                    heads(&l.cross_v.forward(features)?, n_head)?,
+                    heads(&kv.narrow(D::Minus1, 2 * i * d, d)?, n_head)?,
+                    heads(&kv.narrow(D::Minus1, (2 * i + 1) * d, d)?, n_head)?,
                 ))
             })
             .collect::<Result<_>>()?;
@@ -297,15 +409,12 @@ impl Net {
     /// decoder's hidden states `(B, L, D)` for them.
     pub fn step(&self, state: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
         let dec = &self.decoder;
-        let (b, l) = tokens.dims2()?;
+        let l = tokens.dim(1)?;
         let p0 = state.position;
         if p0 + l > self.max_target {
             candle_core::bail!("decoder context of {} tokens exceeded", self.max_target);
         }
-        let embedded = dec
-            .embed
-            .index_select(&tokens.flatten_all()?, 0)?
-            .reshape((b, l, ()))?;
+        let embedded = dec.embed.lookup(tokens)?;
         let mut x = embedded.broadcast_add(&dec.positions.narrow(0, p0, l)?)?;
         // New token i (at p0 + i) may see keys 0..=p0 + i.
         let mask = if l > 1 {
@@ -346,12 +455,6 @@ impl Net {
     /// (the output projection is the token embedding, tied).
     pub fn logits_at(&self, hidden: &Tensor, at: usize) -> Result<Tensor> {
         let h = hidden.i((.., at, ..))?.contiguous()?;
-        // `(V, D) x (D, B)`: the embedding is read in place, never transposed
-        // into a copy.
-        self.decoder
-            .embed
-            .matmul(&h.t()?)?
-            .t()?
-            .to_dtype(DType::F32)
+        self.decoder.embed.project(&h)
     }
 }

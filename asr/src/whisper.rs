@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::whisper::{self, Config};
 use tokenizers::Tokenizer;
@@ -43,20 +43,27 @@ pub enum AsrError {
 
 /// How much of Whisper's 30 s encoder window to run. Written `full`, `fit`
 /// or `<seconds>s` (e.g. `10s`) in configuration and on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+/// The default is `10s`: on real tiny.en and base its word error rate was
+/// within a point of the full window's at a third of the cost
+/// (docs/benchmarks.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum EncoderWindow {
-    /// Always 30 s, zero-padded, as Whisper was trained. Slowest, and the
-    /// most accurate with real weights.
-    #[default]
+    /// Always 30 s, zero-padded, as Whisper was trained.
     Full,
     /// Only the frames the audio covers (the positional embedding is sliced
     /// to match). Far cheaper for short utterances, and far less accurate
     /// on real weights.
     Fit,
-    /// The audio zero-padded to at least this many seconds (longer audio
-    /// gets the frames it covers), up to 30.
+    /// The audio zero-padded to the next multiple of this many seconds
+    /// (10 s: 3.2 s of speech is encoded as 10 s, 12 s as 20 s), up to 30.
     Padded(u8),
+}
+
+impl Default for EncoderWindow {
+    fn default() -> Self {
+        EncoderWindow::Padded(10)
+    }
 }
 
 impl std::str::FromStr for EncoderWindow {
@@ -129,6 +136,13 @@ pub enum Withheld {
 }
 
 impl Withheld {
+    pub const ALL: [Withheld; 4] = [
+        Withheld::NoSpeech,
+        Withheld::Repetition,
+        Withheld::LowConfidence,
+        Withheld::TokenCeiling,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Withheld::NoSpeech => "no_speech",
@@ -349,7 +363,14 @@ impl WhisperModel {
     /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from
     /// `dir` onto the CPU.
     pub fn load(dir: &Path, window: EncoderWindow) -> Result<Self, AsrError> {
-        let device = Device::Cpu;
+        let device = inference_device();
+        // f16 on a GPU (its tensor cores); f32 on the CPU, whose kernels
+        // have no fast f16 path.
+        let dtype = if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::F16
+        };
         let config = load_config(dir)?;
         let generation = load_generation(dir)?;
         // A generated model (its config.json says so) speaks noise by
@@ -401,12 +422,11 @@ impl WhisperModel {
         // immutable once activated (the registry writes new versions to new
         // directories), so the mapping is not modified underneath us.
         #[allow(unsafe_code)]
-        let vb =
-            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], whisper::DTYPE, &device) }
-                .map_err(|e| AsrError::Weights {
-                    path: weights.clone(),
-                    reason: e.to_string(),
-                })?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device) }
+            .map_err(|e| AsrError::Weights {
+                path: weights.clone(),
+                reason: e.to_string(),
+            })?;
         let net = Net::load(&vb, &config).map_err(|e| AsrError::Weights {
             path: weights.clone(),
             reason: e.to_string(),
@@ -564,14 +584,20 @@ impl WhisperModel {
         let frames = match self.window {
             EncoderWindow::Full => max_frames,
             EncoderWindow::Fit => covered.min(max_frames),
-            EncoderWindow::Padded(s) => covered.max(usize::from(s) * 100).min(max_frames),
+            EncoderWindow::Padded(s) => {
+                let step = usize::from(s.max(1)) * 100;
+                covered
+                    .div_ceil(step)
+                    .max(1)
+                    .saturating_mul(step)
+                    .min(max_frames)
+            }
         };
         let mel = self.front.compute(pcm, frames);
-        Ok(Tensor::from_vec(
-            mel,
-            (1, n_mels, frames),
-            self.net.device(),
-        )?)
+        Ok(
+            Tensor::from_vec(mel, (1, n_mels, frames), self.net.device())?
+                .to_dtype(self.net.dtype())?,
+        )
     }
 
     /// Runs the encoder on a log-mel `(1, n_mels, frames)`.
@@ -692,6 +718,16 @@ impl WhisperModel {
             .ok_or(AsrError::MissingToken("<|en|> (any language token)"))?;
         Ok((best.0.clone(), best.1, (best.2 - max).exp() / total))
     }
+}
+
+/// Where inference runs: the first CUDA GPU when built with the `cuda`
+/// feature and one is present, else the CPU.
+pub fn inference_device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(gpu) = Device::new_cuda(0) {
+        return gpu;
+    }
+    Device::Cpu
 }
 
 /// `softmax(logits)[at]`.

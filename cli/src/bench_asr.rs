@@ -83,7 +83,6 @@ pub fn run(model: &Path, out: &Path, runs: usize, window: EncoderWindow) -> anyh
         .join("results")
         .join(format!("earshot-{name}-{window_name}-t{threads}.jsonl"));
     let mut file = std::fs::File::create(&path)?;
-    let language = (!whisper.is_multilingual()).then_some("en");
     let mut errors = earshot_asr::wer::WordErrors::default();
     let mut totals = Vec::new();
     let mut per_token = Vec::new();
@@ -92,6 +91,9 @@ pub fn run(model: &Path, out: &Path, runs: usize, window: EncoderWindow) -> anyh
             .iter()
             .map(|&s| f32::from(s) / 32768.0)
             .collect();
+        // The file's language is given, as the peers' runner does with
+        // `--language auto`.
+        let language = Some(item.lang.as_str());
         if n == 0 {
             whisper.recognize(&pcm, language, false)?;
         }

@@ -10,6 +10,12 @@ use earshot_asr::{TestModelSpec, generate_test_model};
 use earshot_cli::{assets, bench, certs, client, demo, speech};
 use earshot_common::topology::Topology;
 
+/// Whisper allocates and frees tensors of megabytes on every layer; glibc's
+/// malloc returns such blocks to the kernel each time (page faults on every
+/// reuse), mimalloc keeps them. See docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "earshot operator CLI")]
 struct Args {

@@ -127,7 +127,7 @@ async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
     // Redis stream; and the text is what the same model says about that
     // segment when run directly.
     let pcm = speech.pcm_bytes();
-    let model = WhisperModel::load(&model_dir, EncoderWindow::Full).unwrap();
+    let model = WhisperModel::load(&model_dir, EncoderWindow::default()).unwrap();
     let redis = redis::Client::open(cluster.redis["eu-west"].url()).unwrap();
     let mut conn = redis.get_connection().unwrap();
     let entries: redis::streams::StreamRangeReply =
@@ -445,35 +445,15 @@ async fn a_running_region_answers_with_a_newly_promoted_model_version() {
     use earshot_common::manifest::Rollout;
     use earshot_registry::publish::{self, PublishRequest, Transfer};
     use earshot_registry::replicate::{self, Selection};
-    use earshot_registry::server::EmbeddedS3;
-    use earshot_registry::store::S3Settings;
+    use earshot_registry::server::LocalRegistry;
     use earshot_registry::sync::{Agent, Poll, SyncConfig};
-    use earshot_registry::{Registry, channels, metrics::SyncMetrics};
+    use earshot_registry::{channels, metrics::SyncMetrics};
 
     let scratch = tempfile::tempdir().unwrap();
-    let s3 = EmbeddedS3::start(
-        &scratch.path().join("s3"),
-        "127.0.0.1:0".parse().unwrap(),
-        "k",
-        "secret-key",
-    )
-    .await
-    .unwrap();
-    let topology = format!(
-        "[[jurisdiction]]\nname = \"eu\"\nstrict = true\n[[region]]\nname = \"eu-west\"\njurisdiction = \"eu\"\nquic = \"127.0.0.1:1\"\n[registry]\nendpoint = \"{}\"\n[registry.home]\nglobal = \"eu-west\"\n",
-        s3.endpoint()
-    );
-    let settings = S3Settings {
-        endpoint: Some(s3.endpoint()),
-        region: "us-east-1".into(),
-        access_key: "k".into(),
-        secret_key: "secret-key".into(),
-    };
-    let registry = Registry::new(
-        std::sync::Arc::new(earshot_common::topology::Topology::from_toml_str(&topology).unwrap()),
-        &settings,
-    )
-    .unwrap();
+    let local = LocalRegistry::start(&scratch.path().join("s3"), "eu-west", "eu", true)
+        .await
+        .unwrap();
+    let registry = local.registry().unwrap();
     registry.ensure_buckets().await.unwrap();
     let transfer = Transfer::new(scratch.path().join("state"));
     // Version 1 is tiny.en imported from faster-whisper's CTranslate2
@@ -553,5 +533,5 @@ async fn a_running_region_answers_with_a_newly_promoted_model_version() {
         Some(1.0)
     );
     cluster.stop().await.unwrap();
-    s3.stop().await;
+    local.s3.stop().await;
 }

@@ -7,6 +7,12 @@ use clap::Parser;
 use earshot_regional::{Regional, RegionalConfig};
 use tokio_util::sync::CancellationToken;
 
+/// Whisper allocates and frees tensors of megabytes on every layer; glibc's
+/// malloc returns such blocks to the kernel each time (page faults on every
+/// reuse), mimalloc keeps them. See docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,

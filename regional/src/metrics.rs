@@ -14,6 +14,11 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JurisdictionLabel {
     pub jurisdiction: String,
     pub layer: &'static str,
@@ -48,6 +53,7 @@ pub struct Metrics {
     pub inference: Histogram,
     pub result_wait: Histogram,
     pub model_reloads: Family<OutcomeLabel, Counter>,
+    pub text_withheld: Family<ReasonLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -70,6 +76,7 @@ impl Metrics {
             inference: seconds_histogram(),
             result_wait: seconds_histogram(),
             model_reloads: Family::default(),
+            text_withheld: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -122,6 +129,11 @@ impl Metrics {
             "Switches to a new model version found at worker.model, by outcome (ok, failed: the old model keeps serving)",
             m.model_reloads.clone(),
         );
+        registry.register(
+            "text_withheld",
+            "Finals sent with empty text because a hallucination guard fired, by reason",
+            m.text_withheld.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -150,6 +162,11 @@ impl Metrics {
         }
         for outcome in ["ok", "failed"] {
             let _ = self.model_reloads.get_or_create(&OutcomeLabel { outcome });
+        }
+        for w in earshot_asr::Withheld::ALL {
+            let _ = self
+                .text_withheld
+                .get_or_create(&ReasonLabel { reason: w.as_str() });
         }
         for jurisdiction in jurisdictions {
             for layer in ["ingress", "worker"] {

@@ -286,6 +286,12 @@ async fn answer(
                 text = %earshot_common::telemetry::content(&t.text),
                 "transcribed"
             );
+            if let Some(w) = t.withheld {
+                ctx.metrics
+                    .text_withheld
+                    .get_or_create(&crate::metrics::ReasonLabel { reason: w.as_str() })
+                    .inc();
+            }
             let translation = r.translation.zip(translate).map(|(tr, to)| Translation {
                 language: to,
                 text: tr.text,

@@ -133,3 +133,62 @@ impl Drop for EmbeddedS3 {
         self.stop.cancel();
     }
 }
+
+/// A registry with one region on an embedded server: what tests and
+/// benchmarks on one machine start. The topology names `region` in
+/// `jurisdiction` (strict when `strict`), as the home of `global` models.
+pub struct LocalRegistry {
+    pub s3: EmbeddedS3,
+    /// The topology file's text (write it out for the CLI's `--topology`).
+    pub topology: String,
+    parsed: Arc<earshot_common::topology::Topology>,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl LocalRegistry {
+    pub async fn start(
+        root: &Path,
+        region: &str,
+        jurisdiction: &str,
+        strict: bool,
+    ) -> std::io::Result<LocalRegistry> {
+        let (access_key, secret_key) = ("local-key".to_owned(), "local-secret".to_owned());
+        let s3 = EmbeddedS3::start(
+            root,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &access_key,
+            &secret_key,
+        )
+        .await?;
+        let topology = format!(
+            "[[jurisdiction]]\nname = \"{jurisdiction}\"\nstrict = {strict}\n\
+             [[region]]\nname = \"{region}\"\njurisdiction = \"{jurisdiction}\"\nquic = \"127.0.0.1:1\"\n\
+             [registry]\nendpoint = \"{}\"\n[registry.home]\nglobal = \"{region}\"\n",
+            s3.endpoint()
+        );
+        let parsed = earshot_common::topology::Topology::from_toml_str(&topology)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(LocalRegistry {
+            s3,
+            topology,
+            parsed: Arc::new(parsed),
+            access_key,
+            secret_key,
+        })
+    }
+
+    pub fn settings(&self) -> crate::store::S3Settings {
+        crate::store::S3Settings {
+            endpoint: Some(self.s3.endpoint()),
+            region: "us-east-1".into(),
+            access_key: self.access_key.clone(),
+            secret_key: self.secret_key.clone(),
+        }
+    }
+
+    /// A client of this registry, buckets not yet created.
+    pub fn registry(&self) -> Result<crate::Registry, crate::RegistryError> {
+        crate::Registry::new(self.parsed.clone(), &self.settings())
+    }
+}

@@ -5,14 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use earshot_asr::{TestModelSpec, generate_test_model};
-use earshot_common::topology::Topology;
-use earshot_registry::Registry;
 use earshot_registry::publish::{self, PublishRequest, Transfer};
-use earshot_registry::server::EmbeddedS3;
-use earshot_registry::store::S3Settings;
+use earshot_registry::server::LocalRegistry;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_aws_cli_reads_a_published_version_and_its_hashes_match() {
@@ -27,29 +23,10 @@ async fn the_aws_cli_reads_a_published_version_and_its_hashes_match() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let s3 = EmbeddedS3::start(
-        &dir.path().join("s3"),
-        "127.0.0.1:0".parse().unwrap(),
-        "cli-key",
-        "cli-secret",
-    )
-    .await
-    .unwrap();
-    let topology = format!(
-        "[[jurisdiction]]\nname = \"us\"\n[[region]]\nname = \"us-east\"\njurisdiction = \"us\"\nquic = \"127.0.0.1:1\"\n[registry]\nendpoint = \"{}\"\n[registry.home]\nglobal = \"us-east\"\n",
-        s3.endpoint()
-    );
-    let settings = S3Settings {
-        endpoint: Some(s3.endpoint()),
-        region: "us-east-1".into(),
-        access_key: "cli-key".into(),
-        secret_key: "cli-secret".into(),
-    };
-    let registry = Registry::new(
-        Arc::new(Topology::from_toml_str(&topology).unwrap()),
-        &settings,
-    )
-    .unwrap();
+    let local = LocalRegistry::start(&dir.path().join("s3"), "us-east", "us", false)
+        .await
+        .unwrap();
+    let registry = local.registry().unwrap();
     let model = dir.path().join("model");
     generate_test_model(&model, &TestModelSpec::TEST).unwrap();
     let req = PublishRequest::new(model, "whisper", "1", "global");
@@ -57,14 +34,15 @@ async fn the_aws_cli_reads_a_published_version_and_its_hashes_match() {
         .await
         .unwrap();
 
-    let endpoint = s3.endpoint();
+    let endpoint = local.s3.endpoint();
+    let (key, secret) = (local.access_key.clone(), local.secret_key.clone());
     let bucket = report.bucket.clone();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new(root.join("scripts/awscli-check.sh"))
             .args([&endpoint, &bucket, "whisper", "1"])
             .env("AWS_CLI", &aws)
-            .env("AWS_ACCESS_KEY_ID", "cli-key")
-            .env("AWS_SECRET_ACCESS_KEY", "cli-secret")
+            .env("AWS_ACCESS_KEY_ID", key)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
             .output()
             .unwrap()
     })
@@ -86,5 +64,5 @@ async fn the_aws_cli_reads_a_published_version_and_its_hashes_match() {
             "{stdout}"
         );
     }
-    s3.stop().await;
+    local.s3.stop().await;
 }
