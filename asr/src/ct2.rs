@@ -176,8 +176,9 @@ impl Ct2Model {
                 },
             );
         }
+        // Aliases follow the variables from binary version 3 on.
         let mut aliases = BTreeMap::new();
-        if version >= 6 {
+        {
             let n = c.u32().ok_or_else(|| truncated("the alias count"))? as usize;
             if n > MAX_VARIABLES {
                 return Err(bad(path, format!("{n} aliases is implausible")));
@@ -231,7 +232,11 @@ impl Ct2Model {
                 }
                 let q: Vec<f32> = v.bytes.iter().map(|&b| f32::from(b as i8)).collect();
                 let q = Tensor::from_vec(q, v.dims.as_slice(), &dev)?;
-                q.broadcast_div(&scales.reshape((rows, 1))?)
+                // One scale per output row, whatever the weight's rank
+                // (matrices, and convolution kernels in newer versions).
+                let mut scale_shape = vec![1usize; v.dims.len()];
+                scale_shape[0] = rows;
+                q.broadcast_div(&scales.reshape(scale_shape)?)
             }
             other => {
                 return Err(bad(
@@ -298,12 +303,13 @@ pub fn convert(src: &Path, out: &Path) -> Result<ConvertedShape, AsrError> {
     let (tensors, shape) = map_tensors(&model, &bin)?;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let id = |t: &str| tokenizer.token_to_id(t);
-    let ids = |key: &str| -> Vec<u64> {
+    // `None` when the key is absent: the written configs then leave it out,
+    // and the loader falls back to Whisper's defaults rather than to "none".
+    let ids = |key: &str| -> Option<Vec<u64>> {
         ct2_config
             .get(key)
             .and_then(|v| v.as_array())
             .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
-            .unwrap_or_default()
     };
     let eot = id("<|endoftext|>");
     let sot = id("<|startoftranscript|>");
@@ -335,6 +341,7 @@ pub fn convert(src: &Path, out: &Path) -> Result<ConvertedShape, AsrError> {
         "use_cache": true,
     });
     let lang_to_id: serde_json::Map<String, serde_json::Value> = ids("lang_ids")
+        .unwrap_or_default()
         .into_iter()
         .filter_map(|i| {
             let t = tokenizer.id_to_token(u32::try_from(i).ok()?)?;
@@ -354,13 +361,24 @@ pub fn convert(src: &Path, out: &Path) -> Result<ConvertedShape, AsrError> {
         "no_timestamps_token_id": id("<|notimestamps|>"),
         "max_length": 448,
     });
-    write_json(&out.join("config.json"), &config)?;
-    write_json(&out.join("generation_config.json"), &generation)?;
+    write_json(&out.join("config.json"), &without_nulls(config))?;
+    write_json(
+        &out.join("generation_config.json"),
+        &without_nulls(generation),
+    )?;
     let tokenizer_out = out.join("tokenizer.json");
     std::fs::copy(&tokenizer_src, &tokenizer_out).map_err(io_err(&tokenizer_out))?;
     let weights = out.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &weights).map_err(|e| bad(&weights, e.to_string()))?;
     Ok(shape)
+}
+
+/// Drops the top-level keys whose value is null (absent in the source).
+fn without_nulls(mut value: serde_json::Value) -> serde_json::Value {
+    if let Some(map) = value.as_object_mut() {
+        map.retain(|_, v| !v.is_null());
+    }
+    value
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), AsrError> {
@@ -659,10 +677,11 @@ mod tests {
         var(&mut c, "w", &[5], 0, &[0; 16]);
         let e = Ct2Model::parse(&c, Path::new("m")).unwrap_err().to_string();
         assert!(e.contains("do not hold"), "{e}");
-        // An unknown version.
-        let mut d = c.clone();
+        // An unknown version, on an otherwise valid file.
+        let mut d = b.clone();
         d[0] = 9;
-        assert!(Ct2Model::parse(&d, Path::new("m")).is_err());
+        let e = Ct2Model::parse(&d, Path::new("m")).unwrap_err().to_string();
+        assert!(e.contains("version 9"), "{e}");
         // A huge variable count.
         let mut e2 = Vec::new();
         header(&mut e2, u32::MAX);

@@ -322,7 +322,8 @@ pub fn load_config(dir: &Path) -> Result<Config, AsrError> {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    let heads_ok = config.encoder_attention_heads > 0
+    let heads_ok = config.d_model > 0
+        && config.encoder_attention_heads > 0
         && config.decoder_attention_heads > 0
         && config
             .d_model
@@ -361,7 +362,8 @@ fn load_generation(dir: &Path) -> Result<GenerationConfig, AsrError> {
 
 impl WhisperModel {
     /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from
-    /// `dir` onto the CPU.
+    /// `dir` onto [`inference_device`] (the CPU unless built with `cuda`
+    /// and a GPU is present).
     pub fn load(dir: &Path, window: EncoderWindow) -> Result<Self, AsrError> {
         let device = inference_device();
         // f16 on a GPU (its tensor cores); f32 on the CPU, whose kernels
@@ -556,7 +558,10 @@ impl WhisperModel {
         timings.encoder = t1.elapsed();
         let t2 = std::time::Instant::now();
         let transcript = self.decode(&features, language, Task::Transcribe, seconds)?;
-        let translation = if translate && self.multilingual && self.tokens.translate.is_some() {
+        let translation = if transcript.withheld.is_some() {
+            // Not speech: nothing to translate either.
+            translate.then(|| transcript.clone())
+        } else if translate && self.multilingual && self.tokens.translate.is_some() {
             let language = transcript.language.clone();
             let mut t = self.decode(&features, language.as_deref(), Task::Translate, seconds)?;
             t.language_probability = transcript.language_probability;

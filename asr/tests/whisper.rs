@@ -177,6 +177,36 @@ fn the_decoder_cache_gives_what_a_full_recompute_gives() {
         assert!(diff < 1e-4, "position {i}: {diff}");
     }
     assert_eq!(one.position(), 5);
+
+    // As the decoder runs it: one token, then several at once after it
+    // (the causal mask with an offset).
+    let mut split = net.start(&features).unwrap();
+    net.step(
+        &mut split,
+        &Tensor::new(&[[tokens[0]]], net.device()).unwrap(),
+    )
+    .unwrap();
+    let rest = net
+        .step(
+            &mut split,
+            &Tensor::new(&tokens[1..], net.device())
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap();
+    let expected = at_once.i((.., 1.., ..)).unwrap();
+    let diff = (rest - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-4, "after an offset: {diff}");
 }
 
 #[test]

@@ -91,8 +91,8 @@ pub fn run(model: &Path, out: &Path, runs: usize, window: EncoderWindow) -> anyh
             .iter()
             .map(|&s| f32::from(s) / 32768.0)
             .collect();
-        // The file's language is given, as the peers' runner does with
-        // `--language auto`.
+        // The file's language is given, as the peers' runner does by
+        // default (its `--language auto` means "each file's own").
         let language = Some(item.lang.as_str());
         if n == 0 {
             whisper.recognize(&pcm, language, false)?;

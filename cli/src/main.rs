@@ -100,8 +100,9 @@ enum BenchCmd {
         /// Timed runs per file (the median counts).
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// Encoder window: full, fit, or padded to N seconds (e.g. 10s).
-        #[arg(long, default_value = "full")]
+        /// Encoder window: full, fit, or padded to N seconds (the worker's
+        /// default, 10s).
+        #[arg(long, default_value = "10s")]
         window: earshot_asr::EncoderWindow,
     },
     /// Registry publish/sync throughput and promote/rollback times.
@@ -148,8 +149,9 @@ enum ModelsCmd {
         /// Also run Whisper's translate task (speech to English).
         #[arg(long)]
         translate: bool,
-        /// Encoder window: full, fit, or padded to N seconds (e.g. 10s).
-        #[arg(long, default_value = "full")]
+        /// Encoder window: full, fit, or padded to N seconds (the worker's
+        /// default, 10s).
+        #[arg(long, default_value = "10s")]
         window: earshot_asr::EncoderWindow,
     },
     /// Quantize a model in the published layout to GGUF (the edge tier).

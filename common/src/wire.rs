@@ -16,8 +16,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Protocol version carried in every header.
 pub const VERSION: u8 = 2;
-/// ALPN protocol id for the QUIC connection.
-pub const ALPN: &[u8] = b"earshot/1";
+/// ALPN protocol id for the QUIC connection: peers of different wire
+/// versions fail at the handshake, not on every utterance.
+pub const ALPN: &[u8] = b"earshot/2";
 /// Largest frame body (type byte + payload) a peer may send.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Audio on the wire is mono PCM, signed 16-bit little endian, at this rate.

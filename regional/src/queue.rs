@@ -105,7 +105,8 @@ impl Job {
                 jurisdiction: text("jurisdiction")?,
                 edge: text("edge")?,
                 language: text("language")?,
-                translate: text("translate")?,
+                // Absent in entries queued by an ingress older than wire v2.
+                translate: text("translate").unwrap_or_default(),
                 sample_rate: u32::try_from(number("sample_rate")?)
                     .map_err(|_| "sample rate out of range")?,
             },
