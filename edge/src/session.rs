@@ -62,8 +62,20 @@ const KNOWN_PARAMS: &str = "sample_rate, encoding, language, translate";
 /// English.
 pub const TRANSLATION_TARGETS: &[&str] = &["en"];
 
-fn is_language_code(value: &str) -> bool {
-    (2..=3).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_lowercase())
+/// `value` if it is a language code (two or three lowercase letters),
+/// else the query's refusal naming `param`.
+fn language_code(param: &str, value: &str, alternatives: &str) -> Result<String, Refusal> {
+    if (2..=3).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Ok(value.to_owned());
+    }
+    Err((
+        ClientErrorCode::InvalidQuery,
+        format!(
+            "{param} {:?} must be an ISO 639-1 code such as \"en\"{alternatives}",
+            truncate(value)
+        ),
+        close::POLICY,
+    ))
 }
 
 /// Parses the query. Every parameter is optional: the defaults are
@@ -109,32 +121,8 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
             }
             // `auto` (or nothing) lets the model detect the language.
             "language" if value == "auto" => params.language = None,
-            "translate" => {
-                if !is_language_code(value) {
-                    return Err((
-                        ClientErrorCode::InvalidQuery,
-                        format!(
-                            "translate {:?} must be an ISO 639-1 code such as \"en\"",
-                            truncate(value)
-                        ),
-                        close::POLICY,
-                    ));
-                }
-                params.translate = Some(value.clone());
-            }
-            "language" => {
-                if !is_language_code(value) {
-                    return Err((
-                        ClientErrorCode::InvalidQuery,
-                        format!(
-                            "language {:?} must be an ISO 639-1 code such as \"en\", or auto",
-                            truncate(value)
-                        ),
-                        close::POLICY,
-                    ));
-                }
-                params.language = Some(value.clone());
-            }
+            "translate" => params.translate = Some(language_code("translate", value, "")?),
+            "language" => params.language = Some(language_code("language", value, ", or auto")?),
             other => {
                 return Err((
                     ClientErrorCode::InvalidQuery,
