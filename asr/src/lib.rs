@@ -20,5 +20,6 @@ pub fn inference_threads() -> usize {
 
 pub use generate::{TestModelSpec, generate_test_model};
 pub use whisper::{
-    AsrError, EncoderWindow, Guards, Recognition, Task, Timings, Transcript, WhisperModel, Withheld,
+    AsrError, EncoderWindow, Guards, Recognition, Request, Task, Timings, Transcript, Utterance,
+    WhisperModel, Withheld,
 };

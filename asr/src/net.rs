@@ -15,14 +15,41 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::whisper::Config;
 
-fn linear(vb: &VarBuilder, rows: usize, cols: usize, bias: bool) -> Result<Linear> {
+/// A linear layer applied to every position of every row as one matrix
+/// product: `(B, L, D)` is flattened to `(B*L, D)` first. (candle's
+/// `Linear` broadcasts the weight over the batch instead, one product per
+/// row, which reads the weights once per row: batching would save nothing.)
+struct Dense(Linear);
+
+impl Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match *x.dims() {
+            [b, l, d] => {
+                let y = self.0.forward(&x.reshape((b * l, d))?)?;
+                let out = y.dim(1)?;
+                y.reshape((b, l, out))
+            }
+            _ => self.0.forward(x),
+        }
+    }
+
+    fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        self.0.bias()
+    }
+}
+
+fn linear(vb: &VarBuilder, rows: usize, cols: usize, bias: bool) -> Result<Dense> {
     let w = vb.get((rows, cols), "weight")?;
     let b = if bias {
         Some(vb.get(rows, "bias")?)
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Ok(Dense(Linear::new(w, b)))
 }
 
 fn layer_norm(vb: &VarBuilder, size: usize) -> Result<LayerNorm> {
@@ -43,7 +70,7 @@ fn ffn_dim(stack: &VarBuilder, d: usize) -> usize {
 }
 
 /// q, k and v of one attention in a single matrix: `[q * s; k; v]`.
-fn fused_qkv(vb: &VarBuilder, d: usize, scale: f64) -> Result<Linear> {
+fn fused_qkv(vb: &VarBuilder, d: usize, scale: f64) -> Result<Dense> {
     let q = vb.pp("q_proj");
     let (k, v) = (vb.pp("k_proj"), vb.pp("v_proj"));
     let w = Tensor::cat(
@@ -56,7 +83,7 @@ fn fused_qkv(vb: &VarBuilder, d: usize, scale: f64) -> Result<Linear> {
     )?;
     let zeros = Tensor::zeros(d, w.dtype(), w.device())?;
     let b = Tensor::cat(&[(q.get(d, "bias")? * scale)?, zeros, v.get(d, "bias")?], 0)?;
-    Ok(Linear::new(w, Some(b)))
+    Ok(Dense(Linear::new(w, Some(b))))
 }
 
 /// `(B, L, H*dh)` to `(B, H, L, dh)`, contiguous.
@@ -90,8 +117,8 @@ fn split_qkv(qkv: &Tensor, n_head: usize) -> Result<(Tensor, Tensor, Tensor)> {
 
 struct Mlp {
     ln: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
 }
 
 impl Mlp {
@@ -111,8 +138,8 @@ impl Mlp {
 
 struct EncoderLayer {
     ln: LayerNorm,
-    qkv: Linear,
-    out: Linear,
+    qkv: Dense,
+    out: Dense,
     mlp: Mlp,
 }
 
@@ -127,22 +154,23 @@ struct Encoder {
 
 struct DecoderLayer {
     self_ln: LayerNorm,
-    self_qkv: Linear,
-    self_out: Linear,
+    self_qkv: Dense,
+    self_out: Dense,
     cross_ln: LayerNorm,
-    cross_q: Linear,
-    cross_out: Linear,
+    cross_q: Dense,
+    cross_out: Dense,
     mlp: Mlp,
 }
 
 /// The token embedding, which is also the output projection (tied).
 enum Embedding {
-    /// On the CPU in f32: the rows in one vector. Each decoding step reads
-    /// all of it (vocabulary x width, 80 MB for tiny) for one token's
-    /// logits; a plain matrix-vector product over it, split across threads,
-    /// runs at memory speed, where a general matrix product packs it first.
+    /// On the CPU in f32. Each decoding step reads all of it (vocabulary x
+    /// width, 80 MB for tiny) for its logits. For one row a plain
+    /// matrix-vector product over it, split across threads, runs at memory
+    /// speed, where a general matrix product packs it first; for a batch,
+    /// the general product (vectorised for the CPU at run time) wins.
     Host {
-        rows: Vec<f32>,
+        matrix: Tensor,
         dim: usize,
     },
     Device(Tensor),
@@ -153,7 +181,7 @@ impl Embedding {
         if t.device().is_cpu() && t.dtype() == DType::F32 {
             let dim = t.dim(1)?;
             Ok(Embedding::Host {
-                rows: t.flatten_all()?.to_vec1()?,
+                matrix: t.contiguous()?,
                 dim,
             })
         } else {
@@ -164,48 +192,49 @@ impl Embedding {
     /// Rows for `tokens` `(B, L)`, as `(B, L, D)`.
     fn lookup(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, l) = tokens.dims2()?;
-        match self {
-            Embedding::Device(t) => t
-                .index_select(&tokens.flatten_all()?, 0)?
-                .reshape((b, l, ())),
-            Embedding::Host { rows, dim } => {
-                let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
-                let mut out = Vec::with_capacity(ids.len() * dim);
-                for id in ids {
-                    let start = id as usize * dim;
-                    let row = rows.get(start..start + dim).ok_or_else(|| {
-                        candle_core::Error::Msg(format!("token {id} out of range"))
-                    })?;
-                    out.extend_from_slice(row);
-                }
-                Tensor::from_vec(out, (b, l, *dim), tokens.device())
-            }
-        }
+        let (Embedding::Device(t) | Embedding::Host { matrix: t, .. }) = self;
+        t.index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, l, ()))
     }
 
     /// Logits `(B, V)` for hidden states `(B, D)`.
     fn project(&self, h: &Tensor) -> Result<Tensor> {
         match self {
             Embedding::Device(t) => t.matmul(&h.t()?)?.t()?.to_dtype(DType::F32),
-            Embedding::Host { rows, dim } => {
-                let hs: Vec<Vec<f32>> = h.to_dtype(DType::F32)?.to_vec2()?;
-                let vocab = rows.len() / dim;
-                let mut out = vec![0f32; hs.len() * vocab];
+            Embedding::Host { matrix, .. } if h.dim(0)? > 1 => {
+                // (V, D) x (D, B): the vocabulary as the long side, which
+                // the kernels split best.
+                matrix
+                    .matmul(&h.to_dtype(DType::F32)?.t()?)?
+                    .t()?
+                    .contiguous()
+            }
+            Embedding::Host { matrix, dim } => {
+                let hidden: Vec<f32> = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                if hidden.len() != *dim {
+                    candle_core::bail!("hidden width {} for an embedding of {dim}", hidden.len());
+                }
+                let (storage, layout) = matrix.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    candle_core::bail!("host embedding is not on the CPU");
+                };
+                let rows = &cpu.as_slice::<f32>()?[layout.start_offset()..];
+                let vocab = matrix.dim(0)?;
+                let mut out = vec![0f32; vocab];
                 let threads = candle_core::utils::get_num_threads().clamp(1, 16);
                 let per = vocab.div_ceil(threads);
-                for (hidden, logits) in hs.iter().zip(out.chunks_mut(vocab)) {
-                    std::thread::scope(|s| {
-                        for (n, chunk) in logits.chunks_mut(per).enumerate() {
-                            let rows = &rows[n * per * dim..];
-                            s.spawn(move || {
-                                for (i, logit) in chunk.iter_mut().enumerate() {
-                                    *logit = dot(&rows[i * dim..(i + 1) * dim], hidden);
-                                }
-                            });
-                        }
-                    });
-                }
-                Tensor::from_vec(out, (hs.len(), vocab), h.device())
+                std::thread::scope(|s| {
+                    for (n, chunk) in out.chunks_mut(per).enumerate() {
+                        let rows = &rows[n * per * dim..];
+                        let hidden = &hidden;
+                        s.spawn(move || {
+                            for (i, logit) in chunk.iter_mut().enumerate() {
+                                *logit = dot(&rows[i * dim..(i + 1) * dim], hidden);
+                            }
+                        });
+                    }
+                });
+                Tensor::from_vec(out, (1, vocab), h.device())
             }
         }
     }
@@ -233,7 +262,7 @@ struct Decoder {
     /// Every layer's cross-attention keys and values in one matrix
     /// `[k_0; v_0; k_1; v_1; ...]`: the audio is projected for all layers
     /// in one product when decoding starts.
-    cross_kv: Linear,
+    cross_kv: Dense,
     embed: Embedding,
     positions: Tensor,
     layers: Vec<DecoderLayer>,
@@ -319,10 +348,10 @@ impl Net {
             kv_biases.push(v_bias);
         }
         let decoder = Decoder {
-            cross_kv: Linear::new(
+            cross_kv: Dense(Linear::new(
                 Tensor::cat(&kv_weights, 0)?,
                 Some(Tensor::cat(&kv_biases, 0)?),
-            ),
+            )),
             embed: Embedding::new(dec_vb.get((cfg.vocab_size, d), "embed_tokens.weight")?)?,
             positions: dec_vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
             layers: (0..cfg.decoder_layers)
@@ -330,10 +359,10 @@ impl Net {
                     let l = dec_vb.pp(format!("layers.{i}"));
                     let c = l.pp("encoder_attn");
                     let q = linear(&c.pp("q_proj"), d, d, true)?;
-                    let cross_q = Linear::new(
+                    let cross_q = Dense(Linear::new(
                         (q.weight() * dec_scale)?,
                         q.bias().map(|b| b * dec_scale).transpose()?,
-                    );
+                    ));
                     Ok(DecoderLayer {
                         self_ln: layer_norm(&l.pp("self_attn_layer_norm"), d)?,
                         self_qkv: fused_qkv(&l.pp("self_attn"), d, dec_scale)?,

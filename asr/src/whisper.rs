@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::whisper::{self, Config};
 use tokenizers::Tokenizer;
@@ -39,6 +39,8 @@ pub enum AsrError {
     Inference(#[from] candle_core::Error),
     #[error("cannot decode tokens: {0}")]
     Decode(String),
+    #[error("batch inference failed: {0}")]
+    Batch(String),
 }
 
 /// How much of Whisper's 30 s encoder window to run. Written `full`, `fit`
@@ -250,6 +252,37 @@ pub struct Transcript {
 pub struct Recognition {
     pub transcript: Transcript,
     pub translation: Option<Transcript>,
+}
+
+/// One utterance of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Utterance<'a> {
+    /// Mono 16 kHz samples in [-1, 1], at most [`MAX_SECONDS`].
+    pub pcm: &'a [f32],
+    /// A language hint such as `en`; `None` detects it.
+    pub language: Option<&'a str>,
+    /// Also decode Whisper's English translation.
+    pub translate: bool,
+}
+
+/// One row of a batched decode: its language hint and audio length.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub language: Option<&'a str>,
+    pub seconds: f64,
+}
+
+/// A row's progress while a batch decodes.
+struct Row {
+    language: String,
+    language_probability: Option<f32>,
+    no_speech: f32,
+    max_new: usize,
+    generated: Vec<u32>,
+    sum_logprob: f64,
+    ended: bool,
+    /// Ended, or reached its token ceiling.
+    done: bool,
 }
 
 /// Time spent per stage of one call.
@@ -542,6 +575,151 @@ impl WhisperModel {
         language: Option<&str>,
         translate: bool,
     ) -> Result<(Recognition, Timings), AsrError> {
+        let (mut results, timings) = self.recognize_batch(&[Utterance {
+            pcm,
+            language,
+            translate,
+        }]);
+        let result = results
+            .pop()
+            .ok_or_else(|| AsrError::Batch("no result".into()))?;
+        Ok((result?, timings))
+    }
+
+    /// Recognises several utterances together: those whose log-mels have
+    /// the same length are encoded as one batch and decoded in lockstep
+    /// (each decoding step reads the weights once for the whole batch). The
+    /// results are in the order of `items`; one utterance's bad input fails
+    /// only that utterance.
+    pub fn recognize_batch(
+        &self,
+        items: &[Utterance<'_>],
+    ) -> (Vec<Result<Recognition, AsrError>>, Timings) {
+        let mut timings = Timings::default();
+        let mut results: Vec<Option<Result<Recognition, AsrError>>> =
+            items.iter().map(|_| None).collect();
+        // Log-mels, grouped by frame count.
+        let t0 = std::time::Instant::now();
+        let mut groups: Vec<(usize, Vec<(usize, Tensor)>)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            match self.mel(item.pcm) {
+                Ok(mel) => {
+                    let frames = mel.dim(2).unwrap_or(0);
+                    match groups.iter_mut().find(|(f, _)| *f == frames) {
+                        Some((_, g)) => g.push((i, mel)),
+                        None => groups.push((frames, vec![(i, mel)])),
+                    }
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        timings.mel = t0.elapsed();
+        for (_, group) in groups {
+            let (indices, mels): (Vec<usize>, Vec<Tensor>) = group.into_iter().unzip();
+            let members: Vec<&Utterance<'_>> = indices.iter().map(|&i| &items[i]).collect();
+            match self.recognize_group(&mels, &members, &mut timings) {
+                Ok(recognitions) => {
+                    for (i, r) in indices.into_iter().zip(recognitions) {
+                        results[i] = Some(Ok(r));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for i in indices {
+                        results[i] = Some(Err(AsrError::Batch(message.clone())));
+                    }
+                }
+            }
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(AsrError::Batch("not recognised".into()))))
+            .collect();
+        (results, timings)
+    }
+
+    /// Encodes log-mels of one length together and decodes their
+    /// transcripts (and translations, for those that ask) in lockstep.
+    fn recognize_group(
+        &self,
+        mels: &[Tensor],
+        items: &[&Utterance<'_>],
+        timings: &mut Timings,
+    ) -> Result<Vec<Recognition>, AsrError> {
+        let t1 = std::time::Instant::now();
+        // On a GPU the batch is one product. On the CPU one utterance's
+        // window already fills the matrix kernels, and a batch's attention
+        // scores (rows x heads x positions^2) fall out of the cache: row by
+        // row measured faster (docs/benchmarks.md).
+        let features = if self.net.device().is_cpu() {
+            let rows = mels
+                .iter()
+                .map(|m| self.net.encode(m))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?
+        } else {
+            self.net.encode(&Tensor::cat(mels, 0)?)?
+        };
+        timings.encoder += t1.elapsed();
+        let t2 = std::time::Instant::now();
+        let requests: Vec<Request<'_>> = items
+            .iter()
+            .map(|u| Request {
+                language: u.language,
+                seconds: u.pcm.len() as f64 / whisper::SAMPLE_RATE as f64,
+            })
+            .collect();
+        let transcripts = self.decode_batch(&features, &requests, Task::Transcribe)?;
+        // Speech asked to be translated (by a model that can): decoded
+        // again with the translate task, in the language just found.
+        let can_translate = self.multilingual && self.tokens.translate.is_some();
+        let wanted: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].translate && can_translate && transcripts[i].withheld.is_none())
+            .collect();
+        let mut translations: Vec<Option<Transcript>> = vec![None; items.len()];
+        if !wanted.is_empty() {
+            let rows = Tensor::new(
+                wanted.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                features.device(),
+            )?;
+            let subset = features.index_select(&rows, 0)?;
+            let requests: Vec<Request<'_>> = wanted
+                .iter()
+                .map(|&i| Request {
+                    language: transcripts[i].language.as_deref(),
+                    seconds: requests[i].seconds,
+                })
+                .collect();
+            let decoded = self.decode_batch(&subset, &requests, Task::Translate)?;
+            for (&i, mut t) in wanted.iter().zip(decoded) {
+                t.language_probability = transcripts[i].language_probability;
+                translations[i] = Some(t);
+            }
+        }
+        timings.decoder += t2.elapsed();
+        Ok(transcripts
+            .into_iter()
+            .zip(translations)
+            .zip(items)
+            .map(|((transcript, translation), item)| {
+                // Not speech: nothing to translate either.
+                let translation = match translation {
+                    Some(t) => Some(t),
+                    None if item.translate && transcript.withheld.is_some() => {
+                        Some(transcript.clone())
+                    }
+                    None => None,
+                };
+                Recognition {
+                    transcript,
+                    translation,
+                }
+            })
+            .collect())
+    }
+
+    /// The log-mel of `pcm` as the encoder's input `(1, n_mels, frames)`.
+    pub fn mel(&self, pcm: &[f32]) -> Result<Tensor, AsrError> {
         let seconds = pcm.len() as f64 / whisper::SAMPLE_RATE as f64;
         if seconds > MAX_SECONDS {
             return Err(AsrError::TooLong {
@@ -549,38 +727,6 @@ impl WhisperModel {
                 max: MAX_SECONDS,
             });
         }
-        let mut timings = Timings::default();
-        let t0 = std::time::Instant::now();
-        let mel = self.mel(pcm)?;
-        timings.mel = t0.elapsed();
-        let t1 = std::time::Instant::now();
-        let features = self.net.encode(&mel)?;
-        timings.encoder = t1.elapsed();
-        let t2 = std::time::Instant::now();
-        let transcript = self.decode(&features, language, Task::Transcribe, seconds)?;
-        let translation = if transcript.withheld.is_some() {
-            // Not speech: nothing to translate either.
-            translate.then(|| transcript.clone())
-        } else if translate && self.multilingual && self.tokens.translate.is_some() {
-            let language = transcript.language.clone();
-            let mut t = self.decode(&features, language.as_deref(), Task::Translate, seconds)?;
-            t.language_probability = transcript.language_probability;
-            Some(t)
-        } else {
-            None
-        };
-        timings.decoder = t2.elapsed();
-        Ok((
-            Recognition {
-                transcript,
-                translation,
-            },
-            timings,
-        ))
-    }
-
-    /// The log-mel of `pcm` as the encoder's input `(1, n_mels, frames)`.
-    pub fn mel(&self, pcm: &[f32]) -> Result<Tensor, AsrError> {
         let n_mels = self.config.num_mel_bins;
         let max_frames = 2 * self.config.max_source_positions;
         // Frames the audio covers, rounded up to the conv stride of 2.
@@ -605,12 +751,13 @@ impl WhisperModel {
         )
     }
 
-    /// Runs the encoder on a log-mel `(1, n_mels, frames)`.
+    /// Runs the encoder on a log-mel `(B, n_mels, frames)`.
     pub fn encode(&self, mel: &Tensor) -> Result<Tensor, AsrError> {
         Ok(self.net.encode(mel)?)
     }
 
-    /// Greedy decoding of one task from encoded audio, with the guards.
+    /// Greedy decoding of one task from encoded audio `(1, S, D)`, with the
+    /// guards.
     pub fn decode(
         &self,
         features: &Tensor,
@@ -618,89 +765,137 @@ impl WhisperModel {
         task: Task,
         seconds: f64,
     ) -> Result<Transcript, AsrError> {
+        self.decode_batch(features, &[Request { language, seconds }], task)?
+            .pop()
+            .ok_or_else(|| AsrError::Batch("no transcript".into()))
+    }
+
+    /// Greedy decoding of one task for each row of encoded audio
+    /// `(B, S, D)`, in lockstep: every row's prompt has the same length, a
+    /// row that has ended is fed end-of-text until the last one ends, and
+    /// each row keeps its own token ceiling and guards.
+    pub fn decode_batch(
+        &self,
+        features: &Tensor,
+        requests: &[Request<'_>],
+        task: Task,
+    ) -> Result<Vec<Transcript>, AsrError> {
+        let batch = requests.len();
+        if features.dim(0)? != batch {
+            return Err(AsrError::Batch(format!(
+                "{} rows of audio for {batch} requests",
+                features.dim(0)?
+            )));
+        }
+        let device = self.net.device();
         let mut state = self.net.start(features)?;
-        let sot = Tensor::new(&[[self.tokens.sot]], self.net.device())?;
-        let used_language;
-        let mut language_id = None;
-        let mut language_probability = None;
         // Logits at <|startoftranscript|>: the no-speech probability, and
         // the language when it is detected.
+        let sot = Tensor::new(vec![self.tokens.sot; batch], device)?.unsqueeze(1)?;
         let hidden = self.net.step(&mut state, &sot)?;
-        let sot_logits: Vec<f32> = self.net.logits_at(&hidden, 0)?.i(0)?.to_vec1()?;
-        if self.multilingual {
-            let hinted =
-                language.and_then(|code| Some((code.to_owned(), self.language_token(code)?)));
-            let (code, id) = match hinted {
-                Some(found) => found,
-                None => {
-                    let (code, id, p) = self.detect_language(&sot_logits)?;
-                    language_probability = Some(p);
-                    (code, id)
+        let sot_logits: Vec<Vec<f32>> = self.net.logits_at(&hidden, 0)?.to_vec2()?;
+        let mut rows = Vec::with_capacity(batch);
+        let mut prompts = Vec::with_capacity(batch);
+        for (request, logits) in requests.iter().zip(&sot_logits) {
+            let (language, language_id, language_probability) = if self.multilingual {
+                let hinted = request
+                    .language
+                    .and_then(|code| Some((code.to_owned(), self.language_token(code)?)));
+                match hinted {
+                    Some((code, id)) => (code, Some(id), None),
+                    None => {
+                        let (code, id, p) = self.detect_language(logits)?;
+                        (code, Some(id), Some(p))
+                    }
                 }
+            } else {
+                ("en".to_owned(), None, None)
             };
-            language_id = Some(id);
-            used_language = Some(code);
-        } else {
-            used_language = Some("en".to_owned());
+            let prompt = self.prompt_after_sot(language_id, task);
+            rows.push(Row {
+                language,
+                language_probability,
+                no_speech: self
+                    .tokens
+                    .no_speech
+                    .and_then(|id| softmax_at(logits, id as usize))
+                    .unwrap_or(0.0),
+                max_new: max_new_tokens(request.seconds, &self.config, prompt.len() + 1),
+                generated: Vec::new(),
+                sum_logprob: 0.0,
+                ended: false,
+                done: false,
+            });
+            prompts.push(prompt);
         }
-        let prompt = self.prompt_after_sot(language_id, task);
-        let no_speech_probability = self
-            .tokens
-            .no_speech
-            .and_then(|id| softmax_at(&sot_logits, id as usize))
-            .unwrap_or(0.0);
-
-        let max_new = max_new_tokens(seconds, &self.config, prompt.len() + 1);
-        let mut generated = Vec::new();
-        let mut sum_logprob = 0.0f64;
-        let mut ended = false;
-        let mut input = Tensor::new(prompt.as_slice(), self.net.device())?.unsqueeze(0)?;
-        for step in 0..max_new {
+        let width = prompts.first().map_or(0, Vec::len);
+        if prompts.iter().any(|p| p.len() != width) {
+            return Err(AsrError::Batch("prompts of different lengths".into()));
+        }
+        let mut input = Tensor::new(prompts.concat(), device)?.reshape((batch, width))?;
+        let mut step = 0;
+        while rows.iter().any(|r| !r.done) {
             let hidden = self.net.step(&mut state, &input)?;
             let last = hidden.dim(1)? - 1;
-            let mut logits: Vec<f32> = self.net.logits_at(&hidden, last)?.i(0)?.to_vec1()?;
+            let logits: Vec<Vec<f32>> = self.net.logits_at(&hidden, last)?.to_vec2()?;
             let banned = if step == 0 {
                 &self.suppress_first
             } else {
                 &self.suppress
             };
-            for &id in banned {
-                logits[id as usize] = f32::NEG_INFINITY;
+            let mut next_tokens = Vec::with_capacity(batch);
+            for (row, mut logits) in rows.iter_mut().zip(logits) {
+                if row.done {
+                    next_tokens.push(self.tokens.eot);
+                    continue;
+                }
+                for &id in banned {
+                    logits[id as usize] = f32::NEG_INFINITY;
+                }
+                let (next, logprob) = argmax_logprob(&logits);
+                row.sum_logprob += f64::from(logprob);
+                if next == self.tokens.eot {
+                    row.ended = true;
+                    row.done = true;
+                } else {
+                    row.generated.push(next);
+                    row.done = row.generated.len() >= row.max_new;
+                }
+                next_tokens.push(next);
             }
-            let (next, logprob) = argmax_logprob(&logits);
-            sum_logprob += f64::from(logprob);
-            if next == self.tokens.eot {
-                ended = true;
-                break;
-            }
-            generated.push(next);
-            input = Tensor::new(&[[next]], self.net.device())?;
+            input = Tensor::new(next_tokens, device)?.unsqueeze(1)?;
+            step += 1;
         }
+        rows.into_iter().map(|row| self.finish(row)).collect()
+    }
+
+    /// A row's text, measured and judged by the guards.
+    fn finish(&self, row: Row) -> Result<Transcript, AsrError> {
         let text = self
             .tokenizer
-            .decode(&generated, true)
+            .decode(&row.generated, true)
             .map_err(|e| AsrError::Decode(e.to_string()))?
             .trim()
             .to_owned();
-        let avg_logprob = (sum_logprob / (generated.len() + 1) as f64) as f32;
+        let avg_logprob = (row.sum_logprob / (row.generated.len() + 1) as f64) as f32;
         let compression_ratio = compression_ratio(&text);
         let withheld = self.guards.judge(
-            ended || generated.is_empty(),
+            row.ended || row.generated.is_empty(),
             compression_ratio,
-            no_speech_probability,
+            row.no_speech,
             avg_logprob,
         );
         let (text, tokens) = if withheld.is_some() {
             (String::new(), Vec::new())
         } else {
-            (text, generated)
+            (text, row.generated)
         };
         Ok(Transcript {
             text,
             tokens,
-            language: used_language,
-            language_probability,
-            no_speech_probability,
+            language: Some(row.language),
+            language_probability: row.language_probability,
+            no_speech_probability: row.no_speech,
             avg_logprob,
             compression_ratio,
             withheld,

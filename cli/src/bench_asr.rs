@@ -136,3 +136,81 @@ pub fn run(model: &Path, out: &Path, runs: usize, window: EncoderWindow) -> anyh
     );
     Ok(())
 }
+
+/// Jobs per second of one worker's model when `concurrency` utterances wait
+/// at once and are recognised in batches of up to `batch` (as the worker
+/// reads them: `XREADGROUP COUNT batch`). The utterances cycle through the
+/// audio set; each configuration also reports how many transcripts differ
+/// from batching off (batched products may round differently).
+pub fn batch(
+    model: &Path,
+    out: &Path,
+    concurrency: &[usize],
+    batch: &[usize],
+    window: EncoderWindow,
+) -> anyhow::Result<()> {
+    let items = audio_set(&out.join("audio"))?;
+    let whisper = WhisperModel::load(model, window)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let pcms: Vec<Vec<f32>> = items
+        .iter()
+        .map(|item| {
+            Ok(speech::read_wav(&item.wav)?
+                .iter()
+                .map(|&s| f32::from(s) / 32768.0)
+                .collect())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let threads = earshot_asr::inference_threads();
+    // Warm-up, and the unbatched transcripts to compare with.
+    let reference: Vec<String> = pcms
+        .iter()
+        .map(|pcm| Ok(whisper.transcribe(pcm, Some("en"))?.text))
+        .collect::<anyhow::Result<_>>()?;
+    println!(
+        "| utterances waiting | max batch | jobs/s | ms per job | encoder ms per job | decoder ms per job | transcripts unlike batch 1 |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for &n in concurrency {
+        for &b in batch {
+            let b = b.max(1);
+            let started = Instant::now();
+            let mut differ = 0;
+            let mut stages = earshot_asr::Timings::default();
+            let order: Vec<usize> = (0..n).map(|i| i % pcms.len()).collect();
+            for chunk in order.chunks(b) {
+                let utterances: Vec<earshot_asr::Utterance<'_>> = chunk
+                    .iter()
+                    .map(|&i| earshot_asr::Utterance {
+                        pcm: &pcms[i],
+                        language: Some("en"),
+                        translate: false,
+                    })
+                    .collect();
+                let (results, t) = whisper.recognize_batch(&utterances);
+                stages.encoder += t.encoder;
+                stages.decoder += t.decoder;
+                for (&i, r) in chunk.iter().zip(results) {
+                    if r?.transcript.text != reference[i] {
+                        differ += 1;
+                    }
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            let per_job = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n as f64;
+            println!(
+                "| {n} | {b} | {:.2} | {:.0} | {:.0} | {:.0} | {differ} of {n} |",
+                n as f64 / secs,
+                secs * 1e3 / n as f64,
+                per_job(stages.encoder),
+                per_job(stages.decoder),
+            );
+        }
+    }
+    let name = model.file_name().map(|n| n.to_string_lossy().into_owned());
+    println!(
+        "{} ({window} window, {threads} threads)",
+        name.unwrap_or_default()
+    );
+    Ok(())
+}

@@ -105,6 +105,24 @@ enum BenchCmd {
         #[arg(long, default_value = "10s")]
         window: earshot_asr::EncoderWindow,
     },
+    /// Jobs per second of one worker's model with batching on and off: N
+    /// utterances waiting at once, recognised in batches of up to B.
+    Batch {
+        /// Model directory (default: .cache/models/whisper-tiny.en).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Where the audio set is (written once).
+        #[arg(long, default_value = ".cache/bench-asr")]
+        out: PathBuf,
+        /// Utterances waiting at once (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        concurrency: Vec<usize>,
+        /// Largest batches (comma-separated; 1 is batching off).
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        #[arg(long, default_value = "10s")]
+        window: earshot_asr::EncoderWindow,
+    },
     /// Registry publish/sync throughput and promote/rollback times.
     Registry {
         /// Size of the model to publish.
@@ -235,6 +253,22 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
                 None => assets::real_model("whisper-tiny.en")?,
             };
             earshot_cli::bench_asr::run(&model, &out, runs, window)
+        }
+        Cmd::Bench {
+            command:
+                BenchCmd::Batch {
+                    model,
+                    out,
+                    concurrency,
+                    batch,
+                    window,
+                },
+        } => {
+            let model = match model {
+                Some(m) => m,
+                None => assets::real_model("whisper-tiny.en")?,
+            };
+            earshot_cli::bench_asr::batch(&model, &out, &concurrency, &batch, window)
         }
         Cmd::Bench {
             command:

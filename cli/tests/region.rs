@@ -327,7 +327,7 @@ async fn both_ends_verify_certificates_against_the_deployment_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_left_pending_by_a_crashed_worker_is_claimed_and_answered() {
+async fn a_crashed_workers_job_is_claimed_and_queued_jobs_are_answered_as_a_batch() {
     let cluster = cluster().await;
     let url = cluster.redis["eu-west"].url();
     let client = redis::Client::open(url.as_str()).unwrap();
@@ -360,6 +360,33 @@ async fn a_job_left_pending_by_a_crashed_worker_is_claimed_and_answered() {
         sync.xread_options(&[&stream], &[">"], &opts).unwrap();
     assert_eq!(read.keys[0].ids.len(), 1);
 
+    // Three more arrive and wait together: one good, one whose audio no
+    // longer matches its hash, one from a jurisdiction the topology does
+    // not know (so no region may serve it). The worker reads them as one batch; only the good one reaches
+    // the model, and each gets its own answer.
+    let mut corrupted = Job {
+        request: [2; 16],
+        ..job.clone()
+    };
+    corrupted.audio_sha256[0] ^= 1;
+    let batch = [
+        Job {
+            request: [1; 16],
+            ..job.clone()
+        },
+        corrupted,
+        Job {
+            request: [3; 16],
+            header: header("mars", "edge-fra"),
+            ..job.clone()
+        },
+    ];
+    for j in &batch {
+        queue::enqueue(&mut manager, &stream, 1000, j)
+            .await
+            .unwrap();
+    }
+
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub.subscribe(reply).await.unwrap();
 
@@ -372,6 +399,8 @@ async fn a_job_left_pending_by_a_crashed_worker_is_claimed_and_answered() {
         topology: Arc::new(Topology::load(&cluster.deployment.topology_path()).unwrap()),
         metrics: metrics.clone(),
         claim_idle: Duration::from_millis(1000),
+        max_batch: 4,
+        batch_window: Duration::ZERO,
         client: client.clone(),
         publisher: manager,
     };
@@ -384,23 +413,53 @@ async fn a_job_left_pending_by_a_crashed_worker_is_claimed_and_answered() {
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker::run(ctx, model, stop.clone()));
 
-    let message = tokio::time::timeout(Duration::from_secs(30), pubsub.on_message().next())
-        .await
-        .expect("no result within 30 s")
-        .unwrap();
-    let payload = message.get_payload_bytes();
-    assert_eq!(&payload[..16], &[9; 16]);
-    match wire::decode(&mut BytesMut::from(&payload[16..])).unwrap() {
-        Some(Frame::Final(f)) => {
-            assert_eq!(f.utterance, 1);
-            assert_eq!(f.region, "eu-west");
-            assert_eq!(f.audio_sha256, job.audio_sha256);
-        }
-        other => panic!("expected a final, got {other:?}"),
+    let mut answers = std::collections::BTreeMap::new();
+    let mut messages = pubsub.on_message();
+    while answers.len() < 4 {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("four answers within 30 s")
+            .unwrap();
+        let payload = message.get_payload_bytes().to_vec();
+        let frame = wire::decode(&mut BytesMut::from(&payload[16..]))
+            .unwrap()
+            .unwrap();
+        answers.insert(payload[0], frame);
     }
+    drop(messages);
+    for request in [9, 1] {
+        match &answers[&request] {
+            Frame::Final(f) => {
+                assert_eq!(f.utterance, 1);
+                assert_eq!(f.region, "eu-west");
+                assert_eq!(f.audio_sha256, job.audio_sha256);
+            }
+            other => panic!("expected a final for {request}, got {other:?}"),
+        }
+    }
+    assert!(
+        matches!(&answers[&2], Frame::Error(e) if e.code == wire::ErrorCode::AudioCorrupted),
+        "{:?}",
+        answers[&2]
+    );
+    assert!(
+        matches!(&answers[&3], Frame::Error(e) if e.code == wire::ErrorCode::ResidencyRefused),
+        "{:?}",
+        answers[&3]
+    );
     stop.cancel();
     running.await.unwrap();
     assert_eq!(metrics.jobs_claimed.get(), 1);
+    let outcome = |outcome| {
+        metrics
+            .jobs
+            .get_or_create(&earshot_regional::metrics::OutcomeLabel { outcome })
+            .get()
+    };
+    assert_eq!(
+        (outcome("final"), outcome("failed"), outcome("refused")),
+        (2, 1, 1)
+    );
     let pending: redis::streams::StreamPendingReply = sync.xpending(&stream, queue::GROUP).unwrap();
     assert_eq!(pending.count(), 0, "the claimed job was acknowledged");
     cluster.stop().await.unwrap();

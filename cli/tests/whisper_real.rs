@@ -164,15 +164,52 @@ fn tiny_en_transcribes_english_sentences_as_words() {
     let dir = tempfile::tempdir().unwrap();
     let m = model("whisper-tiny.en");
     let mut errors = earshot_asr::wer::WordErrors::default();
+    let mut pcms = Vec::new();
+    let mut singles = Vec::new();
     for (i, sentence) in speech::ENGLISH.iter().enumerate() {
         let pcm = f32_pcm(&spoken(sentence, "en-us", dir.path(), &format!("e{i}")));
         let t = m.transcribe(&pcm, Some("en")).unwrap();
         eprintln!("{sentence:?} -> {:?}", t.text);
         errors.add(sentence, &t.text);
         assert_eq!(t.language.as_deref(), Some("en"));
+        singles.push(t.text);
+        pcms.push(pcm);
     }
     eprintln!("tiny.en WER {errors}");
     assert!(errors.rate() < 0.32, "WER {:.3}", errors.rate());
+
+    // The same sentences as one batch, with ten seconds of silence and an
+    // over-long utterance among them: each sentence decodes to the text it
+    // got alone, the silence still gives none, and only the long one fails.
+    let silence = vec![0f32; 10 * 16_000];
+    let too_long = vec![0f32; 31 * 16_000];
+    let mut batch: Vec<earshot_asr::Utterance<'_>> = pcms
+        .iter()
+        .map(|pcm| earshot_asr::Utterance {
+            pcm,
+            language: Some("en"),
+            translate: false,
+        })
+        .collect();
+    for pcm in [&silence, &too_long] {
+        batch.push(earshot_asr::Utterance {
+            pcm,
+            language: None,
+            translate: false,
+        });
+    }
+    let (results, _) = m.recognize_batch(&batch);
+    assert_eq!(results.len(), pcms.len() + 2);
+    for (single, batched) in singles.iter().zip(&results) {
+        assert_eq!(&batched.as_ref().unwrap().transcript.text, single);
+    }
+    let quiet = results[pcms.len()].as_ref().unwrap();
+    assert_eq!(quiet.transcript.text, "");
+    assert!(quiet.transcript.withheld.is_some());
+    assert!(matches!(
+        results[pcms.len() + 1],
+        Err(earshot_asr::AsrError::TooLong { .. })
+    ));
 }
 
 /// Ten seconds of silence, of white noise and of a pure tone give no text,

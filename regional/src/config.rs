@@ -59,6 +59,15 @@ pub struct WorkerConfig {
     pub count: usize,
     #[serde(default)]
     pub encoder_window: EncoderWindow,
+    /// Most utterances recognised together in one batch (encoded together
+    /// when their windows match, decoded in lockstep). 1 turns batching off.
+    #[serde(default = "d_max_batch")]
+    pub max_batch: usize,
+    /// After a batch's first utterance arrives, how long the worker waits
+    /// for more before recognising (0: take what is queued, wait for
+    /// nothing; a busy worker batches anyway).
+    #[serde(default)]
+    pub batch_window_ms: u64,
     /// A pending job idle this long is taken over from its (crashed)
     /// consumer with XAUTOCLAIM.
     #[serde(default = "d_claim_idle")]
@@ -106,6 +115,9 @@ fn d_redis_timeout() -> u64 {
 }
 fn d_workers() -> usize {
     1
+}
+fn d_max_batch() -> usize {
+    8
 }
 fn d_claim_idle() -> u64 {
     30_000
@@ -163,6 +175,12 @@ impl RegionalConfig {
             return bad(
                 "limits.max_connections, max_inflight and max_streams_per_connection must be positive",
             );
+        }
+        if !(1..=64).contains(&self.worker.max_batch) {
+            return bad("worker.max_batch must be between 1 and 64");
+        }
+        if self.worker.batch_window_ms > 1_000 {
+            return bad("worker.batch_window_ms must be at most 1000 (it delays every batch)");
         }
         if self.worker.claim_idle_ms < 1_000 {
             return bad("worker.claim_idle_ms must be at least 1000");

@@ -191,6 +191,8 @@ impl Regional {
                 topology: self.topology.clone(),
                 metrics: self.metrics.clone(),
                 claim_idle: Duration::from_millis(self.config.worker.claim_idle_ms),
+                max_batch: self.config.worker.max_batch,
+                batch_window: Duration::from_millis(self.config.worker.batch_window_ms),
                 client: self.client.clone(),
                 publisher: self.redis.clone(),
             };

@@ -51,6 +51,7 @@ pub struct Metrics {
     pub jobs_claimed: Counter,
     pub queue_wait: Histogram,
     pub inference: Histogram,
+    pub batch_size: Histogram,
     pub result_wait: Histogram,
     pub model_reloads: Family<OutcomeLabel, Counter>,
     pub text_withheld: Family<ReasonLabel, Counter>,
@@ -74,6 +75,8 @@ impl Metrics {
             jobs_claimed: Counter::default(),
             queue_wait: seconds_histogram(),
             inference: seconds_histogram(),
+            // 1, 2, 4, ... 64 utterances
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 7)),
             result_wait: seconds_histogram(),
             model_reloads: Family::default(),
             text_withheld: Family::default(),
@@ -116,8 +119,13 @@ impl Metrics {
         );
         registry.register(
             "inference_seconds",
-            "Time the ASR model took per utterance",
+            "Time the ASR model took per utterance (the whole batch's time for each utterance in it)",
             m.inference.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Utterances recognised together in one batch",
+            m.batch_size.clone(),
         );
         registry.register(
             "result_wait_seconds",

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use earshot_asr::{AsrError, EncoderWindow, Recognition, WhisperModel};
+use earshot_asr::{AsrError, EncoderWindow, Recognition, Utterance, WhisperModel};
 use earshot_common::manifest::{MANIFEST_FILE, Manifest};
 
 pub struct ModelSlot {
@@ -92,21 +92,41 @@ impl ModelSlot {
         }))
     }
 
-    /// Transcribes `pcm`; with `translate_to = Some("en")` also translates
-    /// it (Whisper's translate task; an English-only model's transcript is
-    /// already English). Other targets are not served here: the edge
-    /// refuses them per session.
-    pub fn recognize(
-        &self,
-        pcm: &[f32],
-        language: Option<&str>,
-        translate_to: Option<&str>,
-    ) -> Result<Recognition, AsrError> {
-        let to_english = translate_to == Some("en");
-        let (mut r, _) = self.model.recognize(pcm, language, to_english)?;
-        if to_english && r.translation.is_none() {
-            r.translation = Some(r.transcript.clone());
-        }
-        Ok(r)
+    /// Recognises a batch of jobs together (see
+    /// [`WhisperModel::recognize_batch`]); results in the order given. A job
+    /// with `translate_to = Some("en")` is also translated (Whisper's
+    /// translate task; an English-only model's transcript is already
+    /// English). Other targets are not served here: the edge refuses them
+    /// per session.
+    pub fn recognize_batch(&self, jobs: &[JobAudio<'_>]) -> Vec<Result<Recognition, AsrError>> {
+        let items: Vec<Utterance<'_>> = jobs
+            .iter()
+            .map(|j| Utterance {
+                pcm: j.pcm,
+                language: j.language,
+                translate: j.translate_to == Some("en"),
+            })
+            .collect();
+        let (results, _) = self.model.recognize_batch(&items);
+        results
+            .into_iter()
+            .zip(&items)
+            .map(|(r, item)| {
+                r.map(|mut r| {
+                    if item.translate && r.translation.is_none() {
+                        r.translation = Some(r.transcript.clone());
+                    }
+                    r
+                })
+            })
+            .collect()
     }
+}
+
+/// One job's audio and what it asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct JobAudio<'a> {
+    pub pcm: &'a [f32],
+    pub language: Option<&'a str>,
+    pub translate_to: Option<&'a str>,
 }

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::{JurisdictionLabel, Metrics, OutcomeLabel};
-use crate::model::ModelSlot;
+use crate::model::{JobAudio, ModelSlot};
 use crate::queue::{self, GROUP, Job};
 
 /// How long one XREADGROUP blocks; bounds how late a worker notices
@@ -40,6 +40,10 @@ pub struct WorkerContext {
     pub topology: Arc<Topology>,
     pub metrics: Arc<Metrics>,
     pub claim_idle: Duration,
+    /// Most entries recognised together.
+    pub max_batch: usize,
+    /// After the first entry of a batch, how long to wait for more.
+    pub batch_window: Duration,
     pub client: redis::Client,
     pub publisher: ConnectionManager,
 }
@@ -60,7 +64,7 @@ pub async fn ensure_group(
 /// A model shared between a worker and its blocking inference task.
 pub type SharedModel = Arc<Mutex<ModelSlot>>;
 
-/// Runs one worker until `shutdown`; the job in hand is finished first.
+/// Runs one worker until `shutdown`; the batch in hand is finished first.
 pub async fn run(ctx: WorkerContext, model: ModelSlot, shutdown: CancellationToken) {
     let model: SharedModel = Arc::new(Mutex::new(model));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -103,10 +107,6 @@ async fn consume(
     model: &SharedModel,
     shutdown: &CancellationToken,
 ) -> redis::RedisResult<()> {
-    let read = StreamReadOptions::default()
-        .group(GROUP, &ctx.consumer)
-        .count(1)
-        .block(BLOCK_MS);
     let claim_idle = ctx.claim_idle.as_millis() as u64;
     loop {
         if shutdown.is_cancelled() {
@@ -120,92 +120,172 @@ async fn consume(
                 &ctx.consumer,
                 claim_idle,
                 "0-0",
-                StreamAutoClaimOptions::default().count(1),
+                StreamAutoClaimOptions::default().count(ctx.max_batch),
             )
             .await?;
         if !claimed.claimed.is_empty() {
             ctx.metrics
                 .jobs_claimed
                 .inc_by(claimed.claimed.len() as u64);
-            for entry in claimed.claimed {
+            for entry in &claimed.claimed {
                 tracing::info!(entry = %entry.id, "claimed an abandoned job");
-                process(ctx, conn, model, entry).await?;
             }
+            process_batch(ctx, conn, model, claimed.claimed).await?;
             continue;
         }
-        let keys = [ctx.stream.as_str()];
-        let reply: Option<StreamReadReply> = tokio::select! {
-            r = conn.xread_options(&keys, &[">"], &read) => r?,
+        let entries = tokio::select! {
+            r = read_batch(ctx, conn) => r?,
             _ = shutdown.cancelled() => return Ok(()),
         };
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for entry in key.ids {
-                process(ctx, conn, model, entry).await?;
-            }
+        if !entries.is_empty() {
+            process_batch(ctx, conn, model, entries).await?;
         }
     }
 }
 
-/// Transcribes one entry, publishes its result and acknowledges it. Only
-/// Redis errors propagate (the entry then stays pending for a retry).
-async fn process(
+/// New entries for this consumer: whatever is waiting, up to `max_batch`
+/// (blocking up to [`BLOCK_MS`] for the first), then, for `batch_window`,
+/// whatever else arrives until the batch is full. Entries that pile up
+/// while a batch is recognised are read together by the next call, so a
+/// busy worker batches even with no window.
+async fn read_batch(
+    ctx: &WorkerContext,
+    conn: &mut MultiplexedConnection,
+) -> redis::RedisResult<Vec<StreamId>> {
+    let keys = [ctx.stream.as_str()];
+    let mut entries = Vec::new();
+    let mut block = BLOCK_MS;
+    let mut deadline = None;
+    while entries.len() < ctx.max_batch {
+        let read = StreamReadOptions::default()
+            .group(GROUP, &ctx.consumer)
+            .count(ctx.max_batch - entries.len())
+            .block(block);
+        let reply: Option<StreamReadReply> = conn.xread_options(&keys, &[">"], &read).await?;
+        let before = entries.len();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            entries.extend(key.ids);
+        }
+        if entries.is_empty() {
+            return Ok(entries);
+        }
+        if before == 0 {
+            deadline = Some(Instant::now() + ctx.batch_window);
+        }
+        // BLOCK 0 would wait forever: stop once the window has passed.
+        let left = deadline.map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        block = left.as_millis() as usize;
+        if block == 0 {
+            break;
+        }
+    }
+    Ok(entries)
+}
+
+/// A parsed entry that passed the worker's checks, with its audio.
+struct Admitted {
+    entry: String,
+    job: Job,
+    queued_us: u64,
+}
+
+/// Recognises a batch of entries together, then publishes each result and
+/// acknowledges each entry. Only Redis errors propagate (unacknowledged
+/// entries then stay pending for a retry).
+async fn process_batch(
     ctx: &WorkerContext,
     conn: &mut MultiplexedConnection,
     model: &SharedModel,
-    entry: StreamId,
+    entries: Vec<StreamId>,
 ) -> redis::RedisResult<()> {
-    let job = match Job::from_fields(&entry.map) {
-        Ok(job) => job,
-        Err(problem) => {
-            // Nothing can answer a job that cannot be parsed; acknowledge it
-            // so it does not block the group, and count it.
-            tracing::error!(entry = %entry.id, %problem, "malformed job acknowledged and dropped");
-            ctx.metrics
-                .jobs
-                .get_or_create(&OutcomeLabel {
-                    outcome: "malformed",
-                })
-                .inc();
-            let _: i64 = conn.xack(&ctx.stream, GROUP, &[&entry.id]).await?;
-            return Ok(());
+    let mut admitted = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let job = match Job::from_fields(&entry.map) {
+            Ok(job) => job,
+            Err(problem) => {
+                // Nothing can answer a job that cannot be parsed; acknowledge
+                // it so it does not block the group, and count it.
+                tracing::error!(entry = %entry.id, %problem, "malformed job acknowledged and dropped");
+                ctx.metrics
+                    .jobs
+                    .get_or_create(&OutcomeLabel {
+                        outcome: "malformed",
+                    })
+                    .inc();
+                let _: i64 = conn.xack(&ctx.stream, GROUP, &[&entry.id]).await?;
+                continue;
+            }
+        };
+        let queued_us = queue::unix_us().saturating_sub(job.enqueued_us);
+        ctx.metrics.queue_wait.observe(queued_us as f64 / 1e6);
+        match check(ctx, &job) {
+            Ok(()) => admitted.push(Admitted {
+                entry: entry.id,
+                job,
+                queued_us,
+            }),
+            Err((error, outcome)) => {
+                let span = job_span(&entry.id, &job);
+                reply(ctx, conn, &entry.id, &job, Frame::Error(error), outcome)
+                    .instrument(span)
+                    .await?;
+            }
         }
-    };
-    let span = tracing::info_span!("job", entry = %entry.id, utterance = job.header.utterance);
-    async move {
-        let queued = queue::unix_us().saturating_sub(job.enqueued_us);
-        ctx.metrics.queue_wait.observe(queued as f64 / 1e6);
-
-        let (frame, outcome) = answer(ctx, model, &job, queued).await;
-        let mut payload = BytesMut::from(&job.request[..]);
-        if let Err(e) = frame.encode(&mut payload) {
-            tracing::error!(error = %e, "cannot encode result");
-        }
-        let mut publisher = ctx.publisher.clone();
-        let _: i64 = publisher.publish(&job.reply, payload.to_vec()).await?;
-        let _: i64 = conn.xack(&ctx.stream, GROUP, &[&entry.id]).await?;
-        ctx.metrics
-            .jobs
-            .get_or_create(&OutcomeLabel { outcome })
-            .inc();
-        Ok(())
     }
-    .instrument(span)
-    .await
+    if admitted.is_empty() {
+        return Ok(());
+    }
+    let (results, model_id, took) = recognize(ctx, model, &admitted).await;
+    ctx.metrics.batch_size.observe(admitted.len() as f64);
+    for (a, result) in admitted.iter().zip(results) {
+        let span = job_span(&a.entry, &a.job);
+        let (frame, outcome) = {
+            let _enter = span.enter();
+            answer(ctx, a, result, &model_id, took, admitted.len())
+        };
+        reply(ctx, conn, &a.entry, &a.job, frame, outcome)
+            .instrument(span)
+            .await?;
+    }
+    Ok(())
 }
 
-async fn answer(
+fn job_span(entry: &str, job: &Job) -> tracing::Span {
+    tracing::info_span!("job", entry = %entry, utterance = job.header.utterance)
+}
+
+/// Publishes a job's answer to its ingress, then acknowledges the entry.
+async fn reply(
     ctx: &WorkerContext,
-    model: &SharedModel,
+    conn: &mut MultiplexedConnection,
+    entry: &str,
     job: &Job,
-    queued_us: u64,
-) -> (Frame, &'static str) {
-    let utterance = job.header.utterance;
-    let refuse = |code: ErrorCode, message: String| {
-        Frame::Error(WireError {
-            utterance,
-            code,
-            message,
-        })
+    frame: Frame,
+    outcome: &'static str,
+) -> redis::RedisResult<()> {
+    let mut payload = BytesMut::from(&job.request[..]);
+    if let Err(e) = frame.encode(&mut payload) {
+        tracing::error!(error = %e, "cannot encode result");
+    }
+    let mut publisher = ctx.publisher.clone();
+    let _: i64 = publisher.publish(&job.reply, payload.to_vec()).await?;
+    let _: i64 = conn.xack(&ctx.stream, GROUP, &[entry]).await?;
+    ctx.metrics
+        .jobs
+        .get_or_create(&OutcomeLabel { outcome })
+        .inc();
+    Ok(())
+}
+
+/// The worker's own checks before any inference: residency (whatever put
+/// the job in the stream) and the audio's integrity.
+fn check(ctx: &WorkerContext, job: &Job) -> Result<(), (WireError, &'static str)> {
+    let refuse = |code: ErrorCode, message: String| WireError {
+        utterance: job.header.utterance,
+        code,
+        message,
     };
     let permitted = ctx
         .topology
@@ -222,36 +302,55 @@ async fn answer(
                 layer: "worker",
             })
             .inc();
-        tracing::warn!(jurisdiction = %job.header.jurisdiction, "worker refused a job outside its residency");
+        tracing::warn!(utterance = job.header.utterance, jurisdiction = %job.header.jurisdiction, "worker refused a job outside its residency");
         let msg = format!(
             "jurisdiction {} may not be processed in region {}",
             job.header.jurisdiction, ctx.region
         );
-        return (refuse(ErrorCode::ResidencyRefused, msg), "refused");
+        return Err((refuse(ErrorCode::ResidencyRefused, msg), "refused"));
     }
     let sha: [u8; 32] = Sha256::digest(&job.audio).into();
     if sha != job.audio_sha256 {
-        return (
+        return Err((
             refuse(
                 ErrorCode::AudioCorrupted,
                 "queued audio does not match its hash".into(),
             ),
             "failed",
-        );
+        ));
     }
+    Ok(())
+}
 
-    let pcm = s16le_to_f32(&job.audio);
-    let language = (!job.header.language.is_empty()).then(|| job.header.language.clone());
-    let translate = (!job.header.translate.is_empty()).then(|| job.header.translate.clone());
+type BatchResults = Vec<Result<earshot_asr::Recognition, earshot_asr::AsrError>>;
+
+/// Runs the model on the admitted jobs off the async executor (inference is
+/// CPU-bound). Returns each job's result, the model's id and the batch's
+/// time.
+async fn recognize(
+    ctx: &WorkerContext,
+    model: &SharedModel,
+    admitted: &[Admitted],
+) -> (BatchResults, String, Duration) {
+    let jobs: Vec<(bytes::Bytes, Option<String>, Option<String>)> = admitted
+        .iter()
+        .map(|a| {
+            let h = &a.job.header;
+            (
+                a.job.audio.clone(),
+                (!h.language.is_empty()).then(|| h.language.clone()),
+                (!h.translate.is_empty()).then(|| h.translate.clone()),
+            )
+        })
+        .collect();
+    let count = jobs.len();
     let started = Instant::now();
-    // Inference is CPU-bound: keep it off the async workers.
     let model = model.clone();
     let metrics = ctx.metrics.clone();
-    let target = translate.clone();
     let result = tokio::task::spawn_blocking(move || {
         let mut slot = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // A new model version (the sync agent switched `current`) takes
-        // over from this job on.
+        // over from this batch on.
         match slot.refresh() {
             Some(Ok(id)) => {
                 metrics.model_reloads.get_or_create(&OutcomeLabel { outcome: "ok" }).inc();
@@ -263,22 +362,50 @@ async fn answer(
             }
             None => {}
         }
-        slot.recognize(&pcm, language.as_deref(), target.as_deref())
-            .map(|r| (r, slot.id().to_owned()))
+        let pcm: Vec<Vec<f32>> = jobs.iter().map(|(audio, _, _)| s16le_to_f32(audio)).collect();
+        let audio: Vec<JobAudio<'_>> = jobs
+            .iter()
+            .zip(&pcm)
+            .map(|((_, language, translate_to), pcm)| JobAudio {
+                pcm,
+                language: language.as_deref(),
+                translate_to: translate_to.as_deref(),
+            })
+            .collect();
+        (slot.recognize_batch(&audio), slot.id().to_owned())
     })
     .await;
     let took = started.elapsed();
-    let result = result.unwrap_or_else(|e| {
-        Err(earshot_asr::AsrError::Decode(format!(
-            "inference task failed: {e}"
-        )))
-    });
+    match result {
+        Ok((results, id)) => (results, id, took),
+        Err(e) => {
+            let message = format!("inference task failed: {e}");
+            let results = (0..count)
+                .map(|_| Err(earshot_asr::AsrError::Batch(message.clone())))
+                .collect();
+            (results, String::new(), took)
+        }
+    }
+}
+
+/// The frame that answers one recognised job.
+fn answer(
+    ctx: &WorkerContext,
+    admitted: &Admitted,
+    result: Result<earshot_asr::Recognition, earshot_asr::AsrError>,
+    model_id: &str,
+    took: Duration,
+    batch: usize,
+) -> (Frame, &'static str) {
+    let job = &admitted.job;
+    let utterance = job.header.utterance;
     ctx.metrics.inference.observe(took.as_secs_f64());
     match result {
-        Ok((r, model_id)) => {
+        Ok(r) => {
             let t = r.transcript;
             tracing::info!(
                 inference_ms = took.as_millis() as u64,
+                batch,
                 tokens = t.tokens.len(),
                 language = t.language.as_deref().unwrap_or(""),
                 no_speech = t.no_speech_probability,
@@ -292,6 +419,8 @@ async fn answer(
                     .get_or_create(&crate::metrics::ReasonLabel { reason: w.as_str() })
                     .inc();
             }
+            let translate =
+                (!job.header.translate.is_empty()).then(|| job.header.translate.clone());
             let translation = r.translation.zip(translate).map(|(tr, to)| Translation {
                 language: to,
                 text: tr.text,
@@ -303,16 +432,23 @@ async fn answer(
                 language_probability: t.language_probability.unwrap_or(-1.0),
                 translation,
                 region: ctx.region.clone(),
-                model: model_id,
-                audio_sha256: sha,
-                queue_us: u32::try_from(queued_us).unwrap_or(u32::MAX),
+                model: model_id.to_owned(),
+                audio_sha256: job.audio_sha256,
+                queue_us: u32::try_from(admitted.queued_us).unwrap_or(u32::MAX),
                 inference_us: u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
             });
             (frame, "final")
         }
         Err(e) => {
             tracing::error!(error = %e, "transcription failed");
-            (refuse(ErrorCode::InferenceFailed, e.to_string()), "failed")
+            (
+                Frame::Error(WireError {
+                    utterance,
+                    code: ErrorCode::InferenceFailed,
+                    message: e.to_string(),
+                }),
+                "failed",
+            )
         }
     }
 }
