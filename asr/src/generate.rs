@@ -81,13 +81,7 @@ pub fn generate_test_model(dir: &Path, spec: &TestModelSpec) -> Result<(), AsrEr
     std::fs::create_dir_all(dir).map_err(io(dir))?;
 
     let tokenizer = build_tokenizer(spec.bpe_vocab)?;
-    let tokenizer_path = dir.join("tokenizer.json");
-    tokenizer
-        .save(&tokenizer_path, false)
-        .map_err(|e| AsrError::Tokenizer {
-            path: tokenizer_path.clone(),
-            reason: e.to_string(),
-        })?;
+    save_tokenizer(&tokenizer, &dir.join("tokenizer.json"))?;
     let vocab_size = tokenizer.get_vocab_size(true);
     let id = |t: &str| tokenizer.token_to_id(t).unwrap_or(0);
 
@@ -154,6 +148,37 @@ fn write_weights(path: &Path, config: &Config, seed: u64) -> candle_core::Result
         &device,
     )?;
 
+    save_seeded(&varmap, path, seed, &|name, dims| {
+        name.ends_with("encoder.embed_positions.weight")
+            .then(|| sinusoids(dims[0], dims[1]))
+    })
+}
+
+/// Writes a tokenizer as `tokenizer.json` is published (not pretty).
+pub(crate) fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<(), AsrError> {
+    tokenizer
+        .save(path, false)
+        .map_err(|e| AsrError::Tokenizer {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// Values for a tensor by name and shape, or `None` for the default fill.
+pub(crate) type FixedValues<'a> = dyn Fn(&str, &[usize]) -> Option<Vec<f32>> + 'a;
+
+/// Fills every tensor `varmap` registered with seeded values, as trained
+/// models look: layer-norm weights 1, biases 0, the rest small normal
+/// values, and whatever `fixed` returns for a name and shape; then writes
+/// it as safetensors. Names are visited in order, so a seed always gives the
+/// same file.
+pub(crate) fn save_seeded(
+    varmap: &VarMap,
+    path: &Path,
+    seed: u64,
+    fixed: &FixedValues<'_>,
+) -> candle_core::Result<()> {
+    let device = Device::Cpu;
     let mut rng = SplitMix64(seed);
     let vars = varmap
         .data()
@@ -166,11 +191,11 @@ fn write_weights(path: &Path, config: &Config, seed: u64) -> candle_core::Result
         let var = &vars[name];
         let shape = var.shape().clone();
         let n = shape.elem_count();
-        let values: Vec<f32> = if name.ends_with("encoder.embed_positions.weight") {
-            sinusoids(shape.dims()[0], shape.dims()[1])
+        let values: Vec<f32> = if let Some(v) = fixed(name, shape.dims()) {
+            v
         } else if name.contains("layer_norm") && name.ends_with(".weight") {
             vec![1.0; n]
-        } else if name.ends_with(".bias") {
+        } else if name.ends_with(".bias") || name.ends_with("_bias") {
             vec![0.0; n]
         } else {
             (0..n).map(|_| 0.05 * rng.normal()).collect()

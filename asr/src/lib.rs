@@ -7,6 +7,7 @@
 
 pub mod ct2;
 pub mod generate;
+pub mod marian;
 pub mod mel;
 pub mod net;
 pub mod quantize;

@@ -39,6 +39,8 @@ pub enum AsrError {
     Inference(#[from] candle_core::Error),
     #[error("cannot decode tokens: {0}")]
     Decode(String),
+    #[error("text of {tokens} tokens exceeds the model's {max} positions")]
+    TextTooLong { tokens: usize, max: usize },
     #[error("batch inference failed: {0}")]
     Batch(String),
 }
@@ -348,6 +350,41 @@ fn read(path: &Path) -> Result<Vec<u8>, AsrError> {
     })
 }
 
+/// Maps `dir/model.safetensors` for loading in `dtype` on `device`.
+pub(crate) fn map_weights(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(PathBuf, VarBuilder<'static>), AsrError> {
+    let weights = dir.join("model.safetensors");
+    if !weights.is_file() {
+        return Err(AsrError::Read {
+            path: weights,
+            reason: "file not found".into(),
+        });
+    }
+    // SAFETY: the file is memory-mapped read-only. Model directories are
+    // immutable once activated (the registry writes new versions to new
+    // directories), so the mapping is not modified underneath us.
+    #[allow(unsafe_code)]
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }.map_err(
+        |e| AsrError::Weights {
+            path: weights.clone(),
+            reason: e.to_string(),
+        },
+    )?;
+    Ok((weights, vb))
+}
+
+/// Whether a transformer's width splits into both stacks' heads.
+pub(crate) fn heads_fit(d_model: usize, encoder_heads: usize, decoder_heads: usize) -> bool {
+    d_model > 0
+        && encoder_heads > 0
+        && decoder_heads > 0
+        && d_model.is_multiple_of(encoder_heads)
+        && d_model.is_multiple_of(decoder_heads)
+}
+
 /// Reads and checks a Whisper `config.json`.
 pub fn load_config(dir: &Path) -> Result<Config, AsrError> {
     let path = dir.join("config.json");
@@ -355,15 +392,11 @@ pub fn load_config(dir: &Path) -> Result<Config, AsrError> {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    let heads_ok = config.d_model > 0
-        && config.encoder_attention_heads > 0
-        && config.decoder_attention_heads > 0
-        && config
-            .d_model
-            .is_multiple_of(config.encoder_attention_heads)
-        && config
-            .d_model
-            .is_multiple_of(config.decoder_attention_heads);
+    let heads_ok = heads_fit(
+        config.d_model,
+        config.encoder_attention_heads,
+        config.decoder_attention_heads,
+    );
     if !heads_ok || config.num_mel_bins == 0 || config.max_target_positions < 8 {
         return Err(AsrError::Config {
             path,
@@ -399,13 +432,7 @@ impl WhisperModel {
     /// and a GPU is present).
     pub fn load(dir: &Path, window: EncoderWindow) -> Result<Self, AsrError> {
         let device = inference_device();
-        // f16 on a GPU (its tensor cores); f32 on the CPU, whose kernels
-        // have no fast f16 path.
-        let dtype = if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::F16
-        };
+        let dtype = inference_dtype(&device);
         let config = load_config(dir)?;
         let generation = load_generation(dir)?;
         // A generated model (its config.json says so) speaks noise by
@@ -446,22 +473,7 @@ impl WhisperModel {
         // OpenAI's rule: English-only checkpoints have one token fewer.
         let multilingual = config.vocab_size != 51_864 && !tokens.languages.is_empty();
 
-        let weights = dir.join("model.safetensors");
-        if !weights.is_file() {
-            return Err(AsrError::Read {
-                path: weights,
-                reason: "file not found".into(),
-            });
-        }
-        // SAFETY: the file is memory-mapped read-only. Model directories are
-        // immutable once activated (the registry writes new versions to new
-        // directories), so the mapping is not modified underneath us.
-        #[allow(unsafe_code)]
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, &device) }
-            .map_err(|e| AsrError::Weights {
-                path: weights.clone(),
-                reason: e.to_string(),
-            })?;
+        let (weights, vb) = map_weights(dir, dtype, &device)?;
         let net = Net::load(&vb, &config).map_err(|e| AsrError::Weights {
             path: weights.clone(),
             reason: e.to_string(),
@@ -928,6 +940,16 @@ pub fn inference_device() -> Device {
         return gpu;
     }
     Device::Cpu
+}
+
+/// f16 on a GPU (its tensor cores); f32 on the CPU, whose kernels have no
+/// fast f16 path.
+pub fn inference_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    }
 }
 
 /// `softmax(logits)[at]`.

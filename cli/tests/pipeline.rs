@@ -210,12 +210,75 @@ async fn a_translation_target_without_a_model_gets_one_error_and_finals_go_on() 
     );
     assert!(matches!(transcript.messages[1], ServerMessage::Error(_)));
     assert_eq!(transcript.finals().len(), 2);
-    assert!(
-        !transcript
-            .messages
-            .iter()
-            .any(|m| matches!(m, ServerMessage::Translation(_)))
+    assert!(!has_translation(&transcript.messages));
+    cluster.stop().await.unwrap();
+}
+
+/// Text translation (Marian) for targets other than English: with an
+/// `en-de` pair in the region, a `translate=de` session gets a German
+/// translation after every final; a `translate=fr` session (a target the
+/// edge offers but no region pair serves) gets one `translation_unavailable`
+/// error, and all its finals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marian_pairs_translate_finals_and_a_missing_pair_gets_one_error() {
+    let pairs = support::translation_pairs();
+    let region_extra: &'static str = Box::leak(
+        format!(
+            "\n[translation]\nmodels = {:?}\n",
+            pairs.display().to_string()
+        )
+        .into_boxed_str(),
     );
+    let cluster = support::start(
+        &[support::RegionPlan {
+            name: "eu-west",
+            jurisdiction: "eu",
+            workers: 1,
+            extra: region_extra,
+        }],
+        &[support::EdgePlan {
+            name: "edge-fra",
+            jurisdiction: "eu",
+            regions: &["eu-west"],
+            extra: "\n[translation]\ntargets = [\"en\", \"de\", \"fr\"]\n",
+        }],
+    )
+    .await;
+    let speech = speech::synthesize(&SENTENCES[..2], 1.0, 0.5, cluster.dir.path()).unwrap();
+
+    let german = stream(
+        &cluster.listen_url("edge-fra", "?language=en&translate=de"),
+        &speech,
+    )
+    .await;
+    assert!(german.errors().is_empty(), "{:?}", german.errors());
+    assert_eq!(german.finals().len(), 2);
+    for (i, m) in german.messages.iter().enumerate() {
+        if let ServerMessage::Final(f) = m {
+            let Some(ServerMessage::Translation(t)) = german.messages.get(i + 1) else {
+                panic!("no translation after final {}", f.utterance);
+            };
+            assert_eq!((t.utterance, t.language.as_str()), (f.utterance, "de"));
+        }
+    }
+
+    let french = stream(
+        &cluster.listen_url("edge-fra", "?language=en&translate=fr"),
+        &speech,
+    )
+    .await;
+    assert_eq!(
+        error_codes(&french.messages),
+        [(ClientErrorCode::TranslationUnavailable, false)]
+    );
+    let reason = french.errors()[0].message.clone();
+    assert!(
+        reason.contains("\"en\" into \"fr\"") && reason.contains("en-de"),
+        "{reason}"
+    );
+    assert_eq!(french.finals().len(), 2);
+    assert!(!has_translation(&french.messages));
+    assert_eq!(french.close, Some((1000, "session closed".into())));
     cluster.stop().await.unwrap();
 }
 
@@ -256,6 +319,12 @@ async fn raw_session(
         .await
         .expect("edge went silent");
     (got, close)
+}
+
+fn has_translation(messages: &[ServerMessage]) -> bool {
+    messages
+        .iter()
+        .any(|m| matches!(m, ServerMessage::Translation(_)))
 }
 
 fn error_codes(messages: &[ServerMessage]) -> Vec<(ClientErrorCode, bool)> {

@@ -401,6 +401,7 @@ async fn a_crashed_workers_job_is_claimed_and_queued_jobs_are_answered_as_a_batc
         claim_idle: Duration::from_millis(1000),
         max_batch: 4,
         batch_window: Duration::ZERO,
+        translators: Default::default(),
         client: client.clone(),
         publisher: manager,
     };

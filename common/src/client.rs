@@ -226,6 +226,12 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// Whether `s` has the form of a language code as sessions and configs
+/// write them: two or three lowercase ASCII letters (`en`, `de`, `haw`).
+pub fn is_language_code(s: &str) -> bool {
+    (2..=3).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -216,7 +216,7 @@ impl Manifest {
             }
         }
         for l in &self.languages {
-            if !(2..=3).contains(&l.len()) || !l.bytes().all(|b| b.is_ascii_lowercase()) {
+            if !crate::client::is_language_code(l) {
                 return Err(invalid("language", l, "an ISO 639-1 code such as \"en\""));
             }
         }

@@ -72,8 +72,9 @@ pub struct Final {
     /// Probability of a detected language in [0, 1]; negative when the
     /// language was given, not detected.
     pub language_probability: f32,
-    /// The text translated, when the header asked for it.
-    pub translation: Option<Translation>,
+    /// The text translated, or why it could not be, when the header asked
+    /// for a translation.
+    pub translation: Option<Translated>,
 }
 
 /// A final's text in another language.
@@ -81,6 +82,18 @@ pub struct Final {
 pub struct Translation {
     pub language: String,
     pub text: String,
+}
+
+/// What became of a requested translation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Translated {
+    Text(Translation),
+    /// The region has no model for this pair (or it failed); the final's
+    /// transcript is unaffected.
+    Unavailable {
+        language: String,
+        reason: String,
+    },
 }
 
 /// A refusal or failure for one utterance.
@@ -271,9 +284,13 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
             language_probability: r.f32("language probability")?,
             translation: match r.u8("translation flag")? {
                 0 => None,
-                1 => Some(Translation {
+                1 => Some(Translated::Text(Translation {
                     language: r.str8("translation language")?,
                     text: r.str32("translation")?,
+                })),
+                2 => Some(Translated::Unavailable {
+                    language: r.str8("translation language")?,
+                    reason: r.str16("translation unavailable reason")?,
                 }),
                 other => {
                     return Err(FrameError::InvalidFlag {
@@ -400,10 +417,15 @@ impl Frame {
                 body.put_f32(f.language_probability);
                 match &f.translation {
                     None => body.put_u8(0),
-                    Some(t) => {
+                    Some(Translated::Text(t)) => {
                         body.put_u8(1);
                         put_str8(&mut body, &t.language, "translation language")?;
                         put_str32(&mut body, &t.text)?;
+                    }
+                    Some(Translated::Unavailable { language, reason }) => {
+                        body.put_u8(2);
+                        put_str8(&mut body, language, "translation language")?;
+                        put_str16(&mut body, reason);
                     }
                 }
             }
@@ -411,9 +433,7 @@ impl Frame {
                 body.put_u8(T_ERROR);
                 body.put_u32(e.utterance);
                 put_str8(&mut body, e.code.as_str(), "code")?;
-                let message = truncate_utf8(&e.message, u16::MAX as usize);
-                body.put_u16(message.len() as u16);
-                body.put_slice(message.as_bytes());
+                put_str16(&mut body, &e.message);
             }
         }
         if body.len() > MAX_FRAME_LEN {
@@ -441,6 +461,13 @@ fn put_str32(dst: &mut BytesMut, s: &str) -> Result<(), FrameError> {
     dst.put_u32(len);
     dst.put_slice(s.as_bytes());
     Ok(())
+}
+
+/// A human-readable string, cut (at a character boundary) to 64 KiB.
+fn put_str16(dst: &mut BytesMut, s: &str) {
+    let s = truncate_utf8(s, u16::MAX as usize);
+    dst.put_u16(s.len() as u16);
+    dst.put_slice(s.as_bytes());
 }
 
 fn truncate_utf8(s: &str, max: usize) -> &str {
@@ -650,11 +677,11 @@ mod tests {
 
         // With a translation: flag 1, its language and text.
         let translated = Final {
-            translation: Some(Translation {
+            translation: Some(Translated::Text(Translation {
                 language: "en".into(),
                 text: "hi".into(),
-            }),
-            ..fin
+            })),
+            ..fin.clone()
         };
         let mut with = expected.clone();
         with[3] += 9;
@@ -663,14 +690,28 @@ mod tests {
         with.extend([2, b'e', b'n', 0, 0, 0, 2, b'h', b'i']);
         assert_eq!(bytes_of(&Frame::Final(translated.clone())), with);
         assert_eq!(decode_all(&with), Ok(Some(Frame::Final(translated))));
-        // A flag other than 0 or 1 is invalid, not "present".
+        // No model for the pair: flag 2, the language and the reason.
+        let unavailable = Final {
+            translation: Some(Translated::Unavailable {
+                language: "de".into(),
+                reason: "no".into(),
+            }),
+            ..fin
+        };
+        let mut without = expected.clone();
+        without[3] += 7;
+        without[last] = 2;
+        without.extend([2, b'd', b'e', 0, 2, b'n', b'o']);
+        assert_eq!(bytes_of(&Frame::Final(unavailable.clone())), without);
+        assert_eq!(decode_all(&without), Ok(Some(Frame::Final(unavailable))));
+        // Any other flag is invalid, not "present".
         let mut bad = expected.clone();
-        bad[last] = 2;
+        bad[last] = 3;
         assert_eq!(
             decode_all(&bad),
             Err(FrameError::InvalidFlag {
                 what: "translation",
-                value: 2
+                value: 3
             })
         );
 

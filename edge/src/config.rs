@@ -27,6 +27,8 @@ pub struct EdgeConfig {
     pub vad: VadConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub translation: TranslationConfig,
     /// Log transcript text (never set in production).
     #[serde(default)]
     pub debug_content: bool,
@@ -57,6 +59,25 @@ pub struct VadConfig {
     /// ONNX Runtime sessions shared by all client sessions.
     #[serde(default = "d_pool")]
     pub sessions: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TranslationConfig {
+    /// Languages sessions may ask finals to be translated into (`translate=`).
+    /// `en` is Whisper's own translate task; any other needs the regions'
+    /// Marian pairs (`[translation] models` in their config). A session
+    /// asking for a target not listed gets one `translation_unavailable`
+    /// error at its start.
+    pub targets: Vec<String>,
+}
+
+impl Default for TranslationConfig {
+    fn default() -> Self {
+        TranslationConfig {
+            targets: vec!["en".into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +212,13 @@ impl EdgeConfig {
                 v.max_utterance_ms
             ));
         }
+        for target in &self.translation.targets {
+            if !earshot_common::client::is_language_code(target) {
+                return bad(format!(
+                    "translation.targets: {target:?} is not a language code (two or three lowercase letters, e.g. \"de\")"
+                ));
+            }
+        }
         let l = &self.limits;
         if l.max_sessions == 0 || l.max_pending_utterances == 0 || l.max_frame_bytes < 1024 {
             return bad("limits.max_sessions and limits.max_pending_utterances must be positive, limits.max_frame_bytes at least 1024".into());
@@ -258,6 +286,7 @@ mod tests {
         assert_eq!(e.min_silence, 8000);
         assert!((e.neg_threshold - 0.35).abs() < 1e-6);
         assert_eq!(c.limits.max_sessions, 512);
+        assert_eq!(c.translation.targets, ["en"]);
     }
 
     #[test]
@@ -268,6 +297,15 @@ mod tests {
         assert!(err.to_string().contains("vad.threshold"), "{err}");
         let err = parse(&MINIMAL.replace("[vad]", "[vad]\nmax_utterance_ms = 60000")).unwrap_err();
         assert!(err.to_string().contains("max_utterance_ms"), "{err}");
+        let err = parse(&format!(
+            "{MINIMAL}\n[translation]\ntargets = [\"en\", \"German\"]"
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("\"German\" is not a language code"),
+            "{err}"
+        );
         let err = EdgeConfig::load(Path::new("/nonexistent/edge.toml")).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/edge.toml"));
     }

@@ -17,7 +17,7 @@ use earshot_common::client::{
     ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, ServerMessage, SessionInfo,
     TranslationMessage, hex, micros_to_ms, parse_client_message,
 };
-use earshot_common::wire::{self, Header};
+use earshot_common::wire::{self, Header, Translated};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use sha2::{Digest, Sha256};
@@ -58,14 +58,10 @@ type Refusal = (ClientErrorCode, String, u16);
 
 const KNOWN_PARAMS: &str = "sample_rate, encoding, language, translate";
 
-/// Languages a region can translate into: Whisper's translate task gives
-/// English.
-pub const TRANSLATION_TARGETS: &[&str] = &["en"];
-
 /// `value` if it is a language code (two or three lowercase letters),
 /// else the query's refusal naming `param`.
 fn language_code(param: &str, value: &str, alternatives: &str) -> Result<String, Refusal> {
-    if (2..=3).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_lowercase()) {
+    if earshot_common::client::is_language_code(value) {
         return Ok(value.to_owned());
     }
     Err((
@@ -167,6 +163,9 @@ struct Session {
     audio_base: u64,
     next_utterance: u32,
     inflight: FuturesOrdered<JoinHandle<Outcome>>,
+    /// The session was told its translation target is unavailable (one
+    /// `translation_unavailable` per session).
+    translation_refused: bool,
 }
 
 /// Runs one session to completion.
@@ -205,6 +204,7 @@ pub async fn run(mut socket: WebSocket, query: Vec<(String, String)>, edge: Arc<
         audio_base: 0,
         next_utterance: 1,
         inflight: FuturesOrdered::new(),
+        translation_refused: false,
     };
     edge.metrics.sessions.inc();
     edge.metrics.sessions_active.inc();
@@ -269,14 +269,16 @@ impl Session {
             return;
         }
         tracing::info!(encoding = self.params.encoding.as_str(), "session started");
+        let targets = &edge.config.translation.targets;
         if let Some(target) = self.params.translate.clone()
-            && !TRANSLATION_TARGETS.contains(&target.as_str())
+            && !targets.contains(&target)
         {
             // One error for the session; its finals still come.
             self.params.translate = None;
+            self.translation_refused = true;
             let message = format!(
                 "no model translates into {target:?} (available: {}); finals come without translations",
-                TRANSLATION_TARGETS.join(", ")
+                targets.join(", ")
             );
             if self
                 .send_error(
@@ -573,13 +575,21 @@ impl Session {
                     (!answer.fin.language.is_empty()).then(|| answer.fin.language.clone());
                 let language_probability = (answer.fin.language_probability >= 0.0)
                     .then_some(answer.fin.language_probability);
-                let translation = answer.fin.translation.map(|t| {
-                    ServerMessage::Translation(TranslationMessage {
-                        utterance: outcome.number,
-                        language: t.language,
-                        text: t.text,
-                    })
-                });
+                let mut unavailable = None;
+                let translation = match answer.fin.translation {
+                    Some(Translated::Text(t)) => {
+                        Some(ServerMessage::Translation(TranslationMessage {
+                            utterance: outcome.number,
+                            language: t.language,
+                            text: t.text,
+                        }))
+                    }
+                    Some(Translated::Unavailable { language, reason }) => {
+                        unavailable = Some((language, reason));
+                        None
+                    }
+                    None => None,
+                };
                 let msg = ServerMessage::Final(FinalMessage {
                     utterance: outcome.number,
                     text: answer.fin.text,
@@ -595,9 +605,25 @@ impl Session {
                     language_probability,
                 });
                 self.send(socket, msg).await?;
-                match translation {
-                    Some(t) => self.send(socket, t).await,
-                    None => Ok(()),
+                if let Some(t) = translation {
+                    self.send(socket, t).await?;
+                }
+                match unavailable {
+                    // The region found no model for the pair: one error for
+                    // the session; its finals still come.
+                    Some((language, reason)) if !self.translation_refused => {
+                        self.translation_refused = true;
+                        let message =
+                            format!("{reason}; finals come without translations into {language:?}");
+                        self.send_error(
+                            socket,
+                            ClientErrorCode::TranslationUnavailable,
+                            message,
+                            false,
+                        )
+                        .await
+                    }
+                    _ => Ok(()),
                 }
             }
             Err(e) => {

@@ -27,6 +27,8 @@ pub struct RegionalConfig {
     pub worker: WorkerConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub translation: TranslationConfig,
     /// Log transcript text (never set in production).
     #[serde(default)]
     pub debug_content: bool,
@@ -72,6 +74,16 @@ pub struct WorkerConfig {
     /// consumer with XAUTOCLAIM.
     #[serde(default = "d_claim_idle")]
     pub claim_idle_ms: u64,
+}
+
+/// Text translation (Marian MT) for `translate=<lang>` other than English.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranslationConfig {
+    /// A directory of language pairs, one subdirectory each named
+    /// `<from>-<to>` (e.g. `en-de`) in the published Marian layout; all are
+    /// loaded at start. Without it only Whisper's `en` is served.
+    pub models: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +171,11 @@ impl RegionalConfig {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if let Some(p) = &mut self.translation.models
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
         }
     }
 

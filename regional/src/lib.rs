@@ -63,6 +63,7 @@ pub struct Regional {
     client: redis::Client,
     redis: ConnectionManager,
     models: Vec<model::ModelSlot>,
+    translators: Arc<model::Translators>,
     router: Arc<ResultRouter>,
     shutdown: CancellationToken,
 }
@@ -115,6 +116,10 @@ impl Regional {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let translators = Arc::new(match &config.translation.models {
+            Some(dir) => model::Translators::load(dir)?,
+            None => model::Translators::default(),
+        });
         let ingress_id = uuid::Uuid::new_v4().simple().to_string();
         let router = ResultRouter::new(queue::results_channel(&config.region, &ingress_id));
         let metrics = Arc::new(Metrics::new());
@@ -132,6 +137,7 @@ impl Regional {
             client,
             redis,
             models,
+            translators,
             router,
             shutdown,
         })
@@ -171,6 +177,7 @@ impl Regional {
             quic = ?endpoint.local_addr().ok(),
             http = ?http.local_addr().ok(),
             workers = self.models.len(),
+            translation_pairs = ?self.translators.pairs(),
             "regional node listening"
         );
 
@@ -193,6 +200,7 @@ impl Regional {
                 claim_idle: Duration::from_millis(self.config.worker.claim_idle_ms),
                 max_batch: self.config.worker.max_batch,
                 batch_window: Duration::from_millis(self.config.worker.batch_window_ms),
+                translators: self.translators.clone(),
                 client: self.client.clone(),
                 publisher: self.redis.clone(),
             };

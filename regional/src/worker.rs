@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use earshot_common::audio::s16le_to_f32;
 use earshot_common::retry::Backoff;
 use earshot_common::topology::Topology;
-use earshot_common::wire::{ErrorCode, Final, Frame, Translation, WireError};
+use earshot_common::wire::{ErrorCode, Final, Frame, WireError};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::{JurisdictionLabel, Metrics, OutcomeLabel};
-use crate::model::{JobAudio, ModelSlot};
+use crate::model::{JobAudio, ModelSlot, Recognized, Translators};
 use crate::queue::{self, GROUP, Job};
 
 /// How long one XREADGROUP blocks; bounds how late a worker notices
@@ -44,6 +44,8 @@ pub struct WorkerContext {
     pub max_batch: usize,
     /// After the first entry of a batch, how long to wait for more.
     pub batch_window: Duration,
+    /// Text translation models (Marian), shared by the region's workers.
+    pub translators: Arc<Translators>,
     pub client: redis::Client,
     pub publisher: ConnectionManager,
 }
@@ -322,7 +324,7 @@ fn check(ctx: &WorkerContext, job: &Job) -> Result<(), (WireError, &'static str)
     Ok(())
 }
 
-type BatchResults = Vec<Result<earshot_asr::Recognition, earshot_asr::AsrError>>;
+type BatchResults = Vec<Result<Recognized, earshot_asr::AsrError>>;
 
 /// Runs the model on the admitted jobs off the async executor (inference is
 /// CPU-bound). Returns each job's result, the model's id and the batch's
@@ -347,6 +349,7 @@ async fn recognize(
     let started = Instant::now();
     let model = model.clone();
     let metrics = ctx.metrics.clone();
+    let translators = ctx.translators.clone();
     let result = tokio::task::spawn_blocking(move || {
         let mut slot = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // A new model version (the sync agent switched `current`) takes
@@ -372,7 +375,10 @@ async fn recognize(
                 translate_to: translate_to.as_deref(),
             })
             .collect();
-        (slot.recognize_batch(&audio), slot.id().to_owned())
+        (
+            slot.recognize_batch(&audio, &translators),
+            slot.id().to_owned(),
+        )
     })
     .await;
     let took = started.elapsed();
@@ -392,7 +398,7 @@ async fn recognize(
 fn answer(
     ctx: &WorkerContext,
     admitted: &Admitted,
-    result: Result<earshot_asr::Recognition, earshot_asr::AsrError>,
+    result: Result<Recognized, earshot_asr::AsrError>,
     model_id: &str,
     took: Duration,
     batch: usize,
@@ -419,18 +425,17 @@ fn answer(
                     .get_or_create(&crate::metrics::ReasonLabel { reason: w.as_str() })
                     .inc();
             }
-            let translate =
-                (!job.header.translate.is_empty()).then(|| job.header.translate.clone());
-            let translation = r.translation.zip(translate).map(|(tr, to)| Translation {
-                language: to,
-                text: tr.text,
-            });
+            if let Some(earshot_common::wire::Translated::Unavailable { reason, .. }) =
+                &r.translation
+            {
+                tracing::warn!(%reason, "translation unavailable");
+            }
             let frame = Frame::Final(Final {
                 utterance,
                 text: t.text,
                 language: t.language.unwrap_or_default(),
                 language_probability: t.language_probability.unwrap_or(-1.0),
-                translation,
+                translation: r.translation,
                 region: ctx.region.clone(),
                 model: model_id.to_owned(),
                 audio_sha256: job.audio_sha256,

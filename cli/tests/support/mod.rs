@@ -10,22 +10,45 @@ use earshot_asr::{TestModelSpec, generate_test_model};
 #[allow(unused_imports)]
 pub use earshot_cli::cluster::{Cluster, EdgePlan, RegionPlan, http_get, metric};
 
-/// The test model under `target/tmp`, written to a private directory and
-/// renamed into place so concurrent test binaries cannot see half a model.
+/// `name` under `target/tmp`, made once by `generate` (which writes into
+/// the directory it is given): written to a private directory and renamed
+/// into place, so concurrent test binaries cannot see half a model.
+fn generated_once(name: &str, generate: impl FnOnce(&std::path::Path)) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if !dir.is_dir() {
+        let scratch = dir.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        generate(&scratch);
+        if std::fs::rename(&scratch, &dir).is_err() {
+            // Another process won the race; its copy is identical.
+            let _ = std::fs::remove_dir_all(&scratch);
+        }
+    }
+    dir
+}
+
+/// The seeded Whisper test model.
 pub fn test_model() -> PathBuf {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("whisper-test");
-            if !dir.join("model.safetensors").is_file() {
-                let scratch = dir.with_extension(format!("tmp{}", std::process::id()));
-                generate_test_model(&scratch, &TestModelSpec::TEST).expect("generate test model");
-                if std::fs::rename(&scratch, &dir).is_err() {
-                    // Another process won the race; its copy is identical.
-                    let _ = std::fs::remove_dir_all(&scratch);
-                }
-            }
-            dir
+            generated_once("whisper-test", |dir| {
+                generate_test_model(dir, &TestModelSpec::TEST).expect("generate test model")
+            })
+        })
+        .clone()
+}
+
+/// A directory of translation pairs holding one generated Marian model,
+/// `en-de` (random weights: its translations are noise).
+pub fn translation_pairs() -> PathBuf {
+    static PAIRS: OnceLock<PathBuf> = OnceLock::new();
+    PAIRS
+        .get_or_init(|| {
+            generated_once("marian-pairs", |dir| {
+                earshot_asr::marian::generate_test_model(&dir.join("en-de"), 0x5eed)
+                    .expect("generate Marian test model")
+            })
         })
         .clone()
 }
