@@ -21,6 +21,6 @@ pub fn inference_threads() -> usize {
 
 pub use generate::{TestModelSpec, generate_test_model};
 pub use whisper::{
-    AsrError, EncoderWindow, Guards, Recognition, Request, Task, Timings, Transcript, Utterance,
-    WhisperModel, Withheld,
+    AsrError, EncoderWindow, Guards, Recognition, Request, Segment, Task, Timings, Transcript,
+    Utterance, WhisperModel, Withheld,
 };

@@ -246,6 +246,9 @@ pub struct Transcript {
     /// gzip compression ratio of the text.
     pub compression_ratio: f32,
     pub withheld: Option<Withheld>,
+    /// The text split at Whisper's timestamps, when they were asked for
+    /// (empty otherwise, and when withheld).
+    pub segments: Vec<Segment>,
 }
 
 /// A transcript and, when asked for, Whisper's English translation of the
@@ -265,6 +268,8 @@ pub struct Utterance<'a> {
     pub language: Option<&'a str>,
     /// Also decode Whisper's English translation.
     pub translate: bool,
+    /// Decode with timestamp tokens and return the transcript's segments.
+    pub timestamps: bool,
 }
 
 /// One row of a batched decode: its language hint and audio length.
@@ -272,6 +277,18 @@ pub struct Utterance<'a> {
 pub struct Request<'a> {
     pub language: Option<&'a str>,
     pub seconds: f64,
+    /// Decode with timestamp tokens (Whisper's timestamp rules) and split
+    /// the text into segments.
+    pub timestamps: bool,
+}
+
+/// A stretch of the transcript between two timestamp tokens; times are
+/// seconds from the start of the audio.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Segment {
+    pub start: f32,
+    pub end: f32,
+    pub text: String,
 }
 
 /// A row's progress while a batch decodes.
@@ -285,6 +302,7 @@ struct Row {
     ended: bool,
     /// Ended, or reached its token ceiling.
     done: bool,
+    seconds: f64,
 }
 
 /// Time spent per stage of one call.
@@ -301,6 +319,8 @@ struct SpecialTokens {
     transcribe: u32,
     translate: Option<u32>,
     no_timestamps: u32,
+    /// `<|0.00|>`: timestamp tokens run from here in steps of 20 ms.
+    timestamp_begin: u32,
     no_speech: Option<u32>,
     /// `(code, token id)` for each `<|xx|>` language token.
     languages: Vec<(String, u32)>,
@@ -329,6 +349,8 @@ pub struct WhisperModel {
     /// Also suppressed at the first step ("suppress blank"): end-of-text and
     /// the bare space.
     suppress_first: Vec<u32>,
+    /// `suppress` and `suppress_first` with the timestamp tokens allowed.
+    suppress_timed: [Vec<u32>; 2],
     window: EncoderWindow,
     multilingual: bool,
     guards: Guards,
@@ -458,6 +480,7 @@ impl WhisperModel {
             transcribe: token(whisper::TRANSCRIBE_TOKEN)?,
             translate: tokenizer.token_to_id(whisper::TRANSLATE_TOKEN),
             no_timestamps: token(whisper::NO_TIMESTAMPS_TOKEN)?,
+            timestamp_begin: token(whisper::NO_TIMESTAMPS_TOKEN)? + 1,
             no_speech: whisper::NO_SPEECH_TOKENS
                 .iter()
                 .find_map(|t| tokenizer.token_to_id(t)),
@@ -505,6 +528,18 @@ impl WhisperModel {
             }
         }
         suppress_first.retain(|&id| (id as usize) < config.vocab_size);
+        // With timestamps the same, but the timestamp tokens allowed.
+        let last_timestamp = tokens.timestamp_begin + TIMESTAMPS;
+        let allow_timestamps = |ids: &[u32]| -> Vec<u32> {
+            ids.iter()
+                .copied()
+                .filter(|id| !(tokens.timestamp_begin..=last_timestamp).contains(id))
+                .collect()
+        };
+        let suppress_timed = [
+            allow_timestamps(&suppress),
+            allow_timestamps(&suppress_first),
+        ];
         Ok(WhisperModel {
             front: mel::LogMel::new(config.num_mel_bins),
             net,
@@ -513,6 +548,7 @@ impl WhisperModel {
             tokens,
             suppress,
             suppress_first,
+            suppress_timed,
             window,
             multilingual,
             guards: if generated {
@@ -532,14 +568,24 @@ impl WhisperModel {
     }
 
     /// Tokens suppressed at every step (the first step also suppresses
-    /// end-of-text and the bare space).
-    pub fn suppressed_tokens(&self) -> &[u32] {
-        &self.suppress
+    /// end-of-text and the bare space); with timestamps, all but those.
+    pub fn suppressed_tokens(&self, timestamps: bool) -> &[u32] {
+        if timestamps {
+            &self.suppress_timed[0]
+        } else {
+            &self.suppress
+        }
     }
 
     /// The decoder prompt after `<|startoftranscript|>` for a language
-    /// token (multilingual models) and task, ending in `<|notimestamps|>`.
-    pub fn prompt_after_sot(&self, language: Option<u32>, task: Task) -> Vec<u32> {
+    /// token (multilingual models) and task, ending in `<|notimestamps|>`
+    /// unless timestamps are wanted.
+    pub fn prompt_after_sot(
+        &self,
+        language: Option<u32>,
+        task: Task,
+        timestamps: bool,
+    ) -> Vec<u32> {
         let mut prompt = Vec::with_capacity(3);
         if let Some(id) = language.filter(|_| self.multilingual) {
             prompt.push(id);
@@ -548,7 +594,9 @@ impl WhisperModel {
                 Task::Translate => self.tokens.translate.unwrap_or(self.tokens.transcribe),
             });
         }
-        prompt.push(self.tokens.no_timestamps);
+        if !timestamps {
+            prompt.push(self.tokens.no_timestamps);
+        }
         prompt
     }
 
@@ -591,6 +639,7 @@ impl WhisperModel {
             pcm,
             language,
             translate,
+            timestamps: false,
         }]);
         let result = results
             .pop()
@@ -679,6 +728,7 @@ impl WhisperModel {
             .map(|u| Request {
                 language: u.language,
                 seconds: u.pcm.len() as f64 / whisper::SAMPLE_RATE as f64,
+                timestamps: u.timestamps,
             })
             .collect();
         let transcripts = self.decode_batch(&features, &requests, Task::Transcribe)?;
@@ -690,16 +740,13 @@ impl WhisperModel {
             .collect();
         let mut translations: Vec<Option<Transcript>> = vec![None; items.len()];
         if !wanted.is_empty() {
-            let rows = Tensor::new(
-                wanted.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-                features.device(),
-            )?;
-            let subset = features.index_select(&rows, 0)?;
+            let subset = select_rows(&features, &wanted)?;
             let requests: Vec<Request<'_>> = wanted
                 .iter()
                 .map(|&i| Request {
                     language: transcripts[i].language.as_deref(),
                     seconds: requests[i].seconds,
+                    timestamps: false,
                 })
                 .collect();
             let decoded = self.decode_batch(&subset, &requests, Task::Translate)?;
@@ -777,22 +824,58 @@ impl WhisperModel {
         task: Task,
         seconds: f64,
     ) -> Result<Transcript, AsrError> {
-        self.decode_batch(features, &[Request { language, seconds }], task)?
+        let request = Request {
+            language,
+            seconds,
+            timestamps: false,
+        };
+        self.decode_batch(features, &[request], task)?
             .pop()
             .ok_or_else(|| AsrError::Batch("no transcript".into()))
     }
 
     /// Greedy decoding of one task for each row of encoded audio
-    /// `(B, S, D)`, in lockstep: every row's prompt has the same length, a
-    /// row that has ended is fed end-of-text until the last one ends, and
-    /// each row keeps its own token ceiling and guards.
+    /// `(B, S, D)`. Rows with and without timestamps (whose prompts differ
+    /// in length) decode as two lockstep batches.
     pub fn decode_batch(
         &self,
         features: &Tensor,
         requests: &[Request<'_>],
         task: Task,
     ) -> Result<Vec<Transcript>, AsrError> {
+        let timed: Vec<usize> = (0..requests.len())
+            .filter(|&i| requests[i].timestamps)
+            .collect();
+        if timed.is_empty() || timed.len() == requests.len() {
+            return self.decode_lockstep(features, requests, task);
+        }
+        let mut out: Vec<Option<Transcript>> = vec![None; requests.len()];
+        let untimed: Vec<usize> = (0..requests.len())
+            .filter(|&i| !requests[i].timestamps)
+            .collect();
+        for rows in [untimed, timed] {
+            let subset: Vec<Request<'_>> = rows.iter().map(|&i| requests[i]).collect();
+            let decoded = self.decode_lockstep(&select_rows(features, &rows)?, &subset, task)?;
+            for (&i, t) in rows.iter().zip(decoded) {
+                out[i] = Some(t);
+            }
+        }
+        out.into_iter()
+            .map(|t| t.ok_or_else(|| AsrError::Batch("row not decoded".into())))
+            .collect()
+    }
+
+    /// Greedy decoding in lockstep: every row's prompt has the same length,
+    /// a row that has ended is fed end-of-text until the last one ends, and
+    /// each row keeps its own token ceiling, timestamp rules and guards.
+    fn decode_lockstep(
+        &self,
+        features: &Tensor,
+        requests: &[Request<'_>],
+        task: Task,
+    ) -> Result<Vec<Transcript>, AsrError> {
         let batch = requests.len();
+        let timestamps = requests.first().is_some_and(|r| r.timestamps);
         if features.dim(0)? != batch {
             return Err(AsrError::Batch(format!(
                 "{} rows of audio for {batch} requests",
@@ -823,7 +906,7 @@ impl WhisperModel {
             } else {
                 ("en".to_owned(), None, None)
             };
-            let prompt = self.prompt_after_sot(language_id, task);
+            let prompt = self.prompt_after_sot(language_id, task, timestamps);
             rows.push(Row {
                 language,
                 language_probability,
@@ -837,6 +920,7 @@ impl WhisperModel {
                 sum_logprob: 0.0,
                 ended: false,
                 done: false,
+                seconds: request.seconds,
             });
             prompts.push(prompt);
         }
@@ -844,16 +928,23 @@ impl WhisperModel {
         if prompts.iter().any(|p| p.len() != width) {
             return Err(AsrError::Batch("prompts of different lengths".into()));
         }
+        // An English-only model asked for timestamps has no prompt after
+        // <|startoftranscript|>: its logits there predict the first token.
+        let mut first = (width == 0).then_some(hidden);
         let mut input = Tensor::new(prompts.concat(), device)?.reshape((batch, width))?;
         let mut step = 0;
         while rows.iter().any(|r| !r.done) {
-            let hidden = self.net.step(&mut state, &input)?;
+            let hidden = match first.take() {
+                Some(hidden) => hidden,
+                None => self.net.step(&mut state, &input)?,
+            };
             let last = hidden.dim(1)? - 1;
             let logits: Vec<Vec<f32>> = self.net.logits_at(&hidden, last)?.to_vec2()?;
-            let banned = if step == 0 {
-                &self.suppress_first
-            } else {
-                &self.suppress
+            let banned = match (timestamps, step == 0) {
+                (false, true) => &self.suppress_first,
+                (false, false) => &self.suppress,
+                (true, true) => &self.suppress_timed[1],
+                (true, false) => &self.suppress_timed[0],
             };
             let mut next_tokens = Vec::with_capacity(batch);
             for (row, mut logits) in rows.iter_mut().zip(logits) {
@@ -863,6 +954,9 @@ impl WhisperModel {
                 }
                 for &id in banned {
                     logits[id as usize] = f32::NEG_INFINITY;
+                }
+                if timestamps {
+                    self.timestamp_rules(&mut logits, &row.generated);
                 }
                 let (next, logprob) = argmax_logprob(&logits);
                 row.sum_logprob += f64::from(logprob);
@@ -878,17 +972,20 @@ impl WhisperModel {
             input = Tensor::new(next_tokens, device)?.unsqueeze(1)?;
             step += 1;
         }
-        rows.into_iter().map(|row| self.finish(row)).collect()
+        rows.into_iter()
+            .map(|row| self.finish(row, timestamps))
+            .collect()
     }
 
     /// A row's text, measured and judged by the guards.
-    fn finish(&self, row: Row) -> Result<Transcript, AsrError> {
-        let text = self
-            .tokenizer
-            .decode(&row.generated, true)
-            .map_err(|e| AsrError::Decode(e.to_string()))?
-            .trim()
-            .to_owned();
+    fn finish(&self, row: Row, timestamps: bool) -> Result<Transcript, AsrError> {
+        let text_tokens: Vec<u32> = row
+            .generated
+            .iter()
+            .copied()
+            .filter(|&t| t < self.tokens.eot)
+            .collect();
+        let text = self.detokenize(&text_tokens)?;
         let avg_logprob = (row.sum_logprob / (row.generated.len() + 1) as f64) as f32;
         let compression_ratio = compression_ratio(&text);
         let withheld = self.guards.judge(
@@ -897,14 +994,20 @@ impl WhisperModel {
             row.no_speech,
             avg_logprob,
         );
-        let (text, tokens) = if withheld.is_some() {
-            (String::new(), Vec::new())
+        let (text, segments, tokens) = if withheld.is_some() {
+            (String::new(), Vec::new(), Vec::new())
         } else {
-            (text, row.generated)
+            let segments = if timestamps {
+                self.segments(&row.generated, row.seconds)?
+            } else {
+                Vec::new()
+            };
+            (text, segments, row.generated)
         };
         Ok(Transcript {
             text,
             tokens,
+            segments,
             language: Some(row.language),
             language_probability: row.language_probability,
             no_speech_probability: row.no_speech,
@@ -912,6 +1015,107 @@ impl WhisperModel {
             compression_ratio,
             withheld,
         })
+    }
+
+    fn detokenize(&self, tokens: &[u32]) -> Result<String, AsrError> {
+        Ok(self
+            .tokenizer
+            .decode(tokens, true)
+            .map_err(|e| AsrError::Decode(e.to_string()))?
+            .trim()
+            .to_owned())
+    }
+
+    fn timestamp_seconds(&self, token: u32) -> Option<f32> {
+        let index = token.checked_sub(self.tokens.timestamp_begin)?;
+        (index <= TIMESTAMPS).then_some(index as f32 * TIMESTAMP_SECONDS)
+    }
+
+    /// Splits generated tokens at their timestamps: `<|t0|> text <|t1|>`
+    /// is a segment from t0 to t1; text after the last timestamp runs to
+    /// the end of the audio. Times are clamped to the audio.
+    fn segments(&self, generated: &[u32], seconds: f64) -> Result<Vec<Segment>, AsrError> {
+        let end_of_audio = seconds as f32;
+        let mut segments = Vec::new();
+        let mut start: Option<f32> = None;
+        let mut text: Vec<u32> = Vec::new();
+        let mut close = |from: f32, to: f32, text: &mut Vec<u32>| -> Result<(), AsrError> {
+            let words = self.detokenize(text)?;
+            text.clear();
+            if !words.is_empty() {
+                segments.push(Segment {
+                    start: from.min(end_of_audio),
+                    end: to.min(end_of_audio).max(from.min(end_of_audio)),
+                    text: words,
+                });
+            }
+            Ok(())
+        };
+        for &token in generated {
+            match self.timestamp_seconds(token) {
+                Some(time) => match start {
+                    Some(from) if !text.is_empty() => {
+                        close(from, time, &mut text)?;
+                        start = None;
+                    }
+                    _ => start = Some(time),
+                },
+                None if token < self.tokens.eot => text.push(token),
+                None => {}
+            }
+        }
+        if !text.is_empty() {
+            close(start.unwrap_or(0.0), end_of_audio, &mut text)?;
+        }
+        Ok(segments)
+    }
+
+    /// Whisper's timestamp rules (`ApplyTimestampRules` in OpenAI's
+    /// decoding.py), on one row's logits given the tokens it generated so
+    /// far: timestamps come in pairs and never go back, the first token is a
+    /// timestamp within the first second, and a timestamp is forced when
+    /// timestamps together are more likely than any text token.
+    fn timestamp_rules(&self, logits: &mut [f32], generated: &[u32]) {
+        let begin = self.tokens.timestamp_begin as usize;
+        let eot = self.tokens.eot as usize;
+        if begin >= logits.len() {
+            return;
+        }
+        let is_timestamp = |t: &u32| *t as usize >= begin;
+        let last = generated.last().is_some_and(is_timestamp);
+        let penultimate = generated.len() < 2 || is_timestamp(&generated[generated.len() - 2]);
+        if last {
+            if penultimate {
+                logits[begin..].fill(f32::NEG_INFINITY);
+            } else {
+                logits[..eot].fill(f32::NEG_INFINITY);
+            }
+        }
+        if let Some(&previous) = generated.iter().rev().find(|t| is_timestamp(t)) {
+            // Never backwards, and a segment is never empty.
+            let upto = if last && !penultimate {
+                previous as usize
+            } else {
+                previous as usize + 1
+            };
+            let n = logits.len();
+            logits[begin..upto.min(n)].fill(f32::NEG_INFINITY);
+        }
+        if generated.is_empty() {
+            logits[..begin].fill(f32::NEG_INFINITY);
+            let last_allowed = begin + MAX_INITIAL_TIMESTAMP;
+            if last_allowed + 1 < logits.len() {
+                logits[last_allowed + 1..].fill(f32::NEG_INFINITY);
+            }
+        }
+        let timestamp_mass = log_sum_exp(&logits[begin..]);
+        let best_text = logits[..begin]
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        if timestamp_mass > best_text {
+            logits[..begin].fill(f32::NEG_INFINITY);
+        }
     }
 
     /// The most likely language token and its probability among languages.
@@ -950,6 +1154,32 @@ pub fn inference_dtype(device: &Device) -> DType {
     } else {
         DType::F16
     }
+}
+
+/// Timestamp tokens after `<|0.00|>`: 30 s in steps of 20 ms.
+const TIMESTAMPS: u32 = 1500;
+const TIMESTAMP_SECONDS: f32 = 0.02;
+/// The first timestamp is at most 1 s in (OpenAI's `max_initial_timestamp`).
+const MAX_INITIAL_TIMESTAMP: usize = 50;
+
+/// `log(sum(exp(x)))`, stable; negative infinity for an empty or all
+/// negative-infinity slice.
+fn log_sum_exp(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    let total: f64 = x.iter().map(|v| f64::from(v - max).exp()).sum();
+    max + total.ln() as f32
+}
+
+/// Rows `rows` of a batch `(B, ...)`.
+fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor, AsrError> {
+    let ids = Tensor::new(
+        rows.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        t.device(),
+    )?;
+    Ok(t.index_select(&ids, 0)?)
 }
 
 /// `softmax(logits)[at]`.

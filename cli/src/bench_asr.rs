@@ -68,7 +68,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Runs the benchmark for `model` and appends its JSON lines to
 /// `<out>/results/earshot-<model>-<window>-t<threads>.jsonl`.
-pub fn run(model: &Path, out: &Path, runs: usize, window: EncoderWindow) -> anyhow::Result<()> {
+pub fn run(
+    model: &Path,
+    out: &Path,
+    runs: usize,
+    window: EncoderWindow,
+    timestamps: bool,
+) -> anyhow::Result<()> {
     let items = audio_set(&out.join("audio"))?;
     let whisper = WhisperModel::load(model, window)
         .with_context(|| format!("loading {}", model.display()))?;
@@ -77,7 +83,11 @@ pub fn run(model: &Path, out: &Path, runs: usize, window: EncoderWindow) -> anyh
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let window_name = window.to_string();
+    let window_name = if timestamps {
+        format!("{window}-timestamps")
+    } else {
+        window.to_string()
+    };
     std::fs::create_dir_all(out.join("results"))?;
     let path = out
         .join("results")
@@ -94,14 +104,25 @@ pub fn run(model: &Path, out: &Path, runs: usize, window: EncoderWindow) -> anyh
         // The file's language is given, as the peers' runner does by
         // default (its `--language auto` means "each file's own").
         let language = Some(item.lang.as_str());
+        let recognize = || {
+            let utterance = earshot_asr::Utterance {
+                pcm: &pcm,
+                language,
+                translate: false,
+                timestamps,
+            };
+            let (mut results, timings) = whisper.recognize_batch(&[utterance]);
+            let result = results.pop().context("no result")?;
+            anyhow::Ok((result?, timings))
+        };
         if n == 0 {
-            whisper.recognize(&pcm, language, false)?;
+            recognize()?;
         }
         let mut walls = Vec::new();
         let mut last = None;
         for _ in 0..runs.max(1) {
             let started = Instant::now();
-            let r = whisper.recognize(&pcm, language, false)?;
+            let r = recognize()?;
             walls.push(started.elapsed().as_secs_f64() * 1e3);
             last = Some(r);
         }
@@ -185,6 +206,7 @@ pub fn batch(
                         pcm: &pcms[i],
                         language: Some("en"),
                         translate: false,
+                        timestamps: false,
                     })
                     .collect();
                 let (results, t) = whisper.recognize_batch(&utterances);

@@ -104,6 +104,9 @@ enum BenchCmd {
         /// default, 10s).
         #[arg(long, default_value = "10s")]
         window: earshot_asr::EncoderWindow,
+        /// Decode with timestamp tokens (as `timestamps=true` sessions do).
+        #[arg(long)]
+        timestamps: bool,
     },
     /// Jobs per second of one worker's model with batching on and off: N
     /// utterances waiting at once, recognised in batches of up to B.
@@ -246,13 +249,14 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
                     out,
                     runs,
                     window,
+                    timestamps,
                 },
         } => {
             let model = match model {
                 Some(m) => m,
                 None => assets::real_model("whisper-tiny.en")?,
             };
-            earshot_cli::bench_asr::run(&model, &out, runs, window)
+            earshot_cli::bench_asr::run(&model, &out, runs, window, timestamps)
         }
         Cmd::Bench {
             command:

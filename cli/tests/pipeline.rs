@@ -196,6 +196,37 @@ async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
     cluster.stop().await.unwrap();
 }
 
+/// `timestamps=true` on real weights: every final comes with Whisper's
+/// segments, in order, inside the final's own span of the session's audio,
+/// and together they are the final's text. Without it, finals have none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_give_segments_inside_each_final() {
+    let model_dir = earshot_cli::assets::real_model("whisper-tiny.en").unwrap();
+    let cluster = Cluster::single(&model_dir, "").await.unwrap();
+    let speech = speech::synthesize(&SENTENCES[..2], 1.0, 0.5, cluster.dir.path()).unwrap();
+    let timed = stream(&cluster.listen_url("edge-fra", "?timestamps=true"), &speech).await;
+    assert!(timed.errors().is_empty(), "{:?}", timed.errors());
+    let finals = timed.finals();
+    assert_eq!(finals.len(), 2);
+    for f in &finals {
+        let segments = f.segments.as_ref().expect("segments asked for");
+        assert!(!segments.is_empty(), "{f:?}");
+        let mut previous = f.start;
+        for s in segments {
+            assert!(
+                previous <= s.start && s.start < s.end && s.end <= f.end + 1e-3,
+                "{s:?} in {f:?}"
+            );
+            previous = s.end;
+        }
+        let joined: Vec<&str> = segments.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(joined.join(" "), f.text);
+    }
+    let plain = stream(&cluster.listen_url("edge-fra", ""), &speech).await;
+    assert!(plain.finals().iter().all(|f| f.segments.is_none()));
+    cluster.stop().await.unwrap();
+}
+
 /// A translation target no model serves gets one `translation_unavailable`
 /// error at the start of the session; its finals still come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,6 +110,7 @@ fn header(jurisdiction: &str, edge: &str) -> Header {
         edge: edge.into(),
         language: "en".into(),
         translate: String::new(),
+        timestamps: false,
         sample_rate: 16_000,
     }
 }

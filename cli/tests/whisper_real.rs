@@ -79,6 +79,8 @@ fn read_f32(path: &Path) -> Vec<f32> {
 #[test]
 fn converted_models_match_ctranslate2_on_the_same_mel() {
     let dir = tempfile::tempdir().unwrap();
+    // (model, CTranslate2 directory, sentence, voice, task, language,
+    // timestamps)
     let cases = [
         (
             "whisper-tiny.en",
@@ -87,6 +89,16 @@ fn converted_models_match_ctranslate2_on_the_same_mel() {
             "en-us",
             Task::Transcribe,
             "en",
+            false,
+        ),
+        (
+            "whisper-tiny.en",
+            "tiny.en",
+            speech::ENGLISH[2],
+            "en-us",
+            Task::Transcribe,
+            "en",
+            true,
         ),
         (
             "whisper-base",
@@ -95,6 +107,7 @@ fn converted_models_match_ctranslate2_on_the_same_mel() {
             "en-us",
             Task::Transcribe,
             "en",
+            false,
         ),
         (
             "whisper-base",
@@ -103,9 +116,12 @@ fn converted_models_match_ctranslate2_on_the_same_mel() {
             "de",
             Task::Translate,
             "de",
+            false,
         ),
     ];
-    for (i, (name, ct2, sentence, voice, task, language)) in cases.into_iter().enumerate() {
+    for (i, (name, ct2, sentence, voice, task, language, timestamps)) in
+        cases.into_iter().enumerate()
+    {
         let m = model(name);
         let pcm = f32_pcm(&spoken(sentence, voice, dir.path(), &format!("s{i}")));
         let mel = m.mel(&pcm).unwrap();
@@ -115,16 +131,24 @@ fn converted_models_match_ctranslate2_on_the_same_mel() {
 
         let features = m.encode(&mel).unwrap();
         let seconds = pcm.len() as f64 / 16_000.0;
-        let ours = m.decode(&features, Some(language), task, seconds).unwrap();
+        let request = earshot_asr::Request {
+            language: Some(language),
+            seconds,
+            timestamps,
+        };
+        let ours = m
+            .decode_batch(&features, &[request], task)
+            .unwrap()
+            .remove(0);
         assert!(ours.withheld.is_none(), "{name}: {ours:?}");
         let mut prompt = vec![m.sot_token()];
-        prompt.extend(m.prompt_after_sot(m.language_token(language), task));
+        prompt.extend(m.prompt_after_sot(m.language_token(language), task, timestamps));
 
         let enc_path = dir.path().join(format!("enc{i}.f32"));
         let answer = oracle(&serde_json::json!({
             "ct2_dir": assets::ct2_model(ct2).unwrap(),
             "mel": {"path": mel_path, "n_mels": n_mels, "frames": frames},
-            "decode": [{"prompt": prompt, "suppress": m.suppressed_tokens()}],
+            "decode": [{"prompt": prompt, "suppress": m.suppressed_tokens(timestamps)}],
             "encoder_out": enc_path,
         }));
 
@@ -148,8 +172,26 @@ fn converted_models_match_ctranslate2_on_the_same_mel() {
             .iter()
             .map(|t| t.as_u64().unwrap() as u32)
             .collect();
-        assert_eq!(ours.tokens, expected, "{name} {task:?}: greedy tokens");
+        assert_eq!(
+            ours.tokens, expected,
+            "{name} {task:?} timestamps {timestamps}: greedy tokens"
+        );
         assert!(!ours.text.is_empty());
+        if timestamps {
+            // Segments cover the words in order, within the audio.
+            eprintln!("{name} segments: {:?}", ours.segments);
+            assert!(!ours.segments.is_empty());
+            let joined: Vec<&str> = ours.segments.iter().map(|s| s.text.as_str()).collect();
+            assert_eq!(joined.join(" "), ours.text);
+            let mut previous_end = 0.0;
+            for s in &ours.segments {
+                assert!(previous_end <= s.start && s.start < s.end, "{s:?}");
+                assert!(f64::from(s.end) <= seconds + 1e-3, "{s:?} past {seconds} s");
+                previous_end = s.end;
+            }
+        } else {
+            assert!(ours.segments.is_empty());
+        }
     }
 }
 
@@ -178,17 +220,21 @@ fn tiny_en_transcribes_english_sentences_as_words() {
     eprintln!("tiny.en WER {errors}");
     assert!(errors.rate() < 0.32, "WER {:.3}", errors.rate());
 
-    // The same sentences as one batch, with ten seconds of silence and an
-    // over-long utterance among them: each sentence decodes to the text it
-    // got alone, the silence still gives none, and only the long one fails.
+    // The same sentences as one batch, every third asking for timestamps,
+    // with ten seconds of silence and an over-long utterance among them:
+    // each sentence without timestamps decodes to the text it got alone,
+    // those with timestamps come in segments that make up their text, the
+    // silence still gives none, and only the long one fails.
     let silence = vec![0f32; 10 * 16_000];
     let too_long = vec![0f32; 31 * 16_000];
     let mut batch: Vec<earshot_asr::Utterance<'_>> = pcms
         .iter()
-        .map(|pcm| earshot_asr::Utterance {
+        .enumerate()
+        .map(|(i, pcm)| earshot_asr::Utterance {
             pcm,
             language: Some("en"),
             translate: false,
+            timestamps: i % 3 == 0,
         })
         .collect();
     for pcm in [&silence, &too_long] {
@@ -196,12 +242,21 @@ fn tiny_en_transcribes_english_sentences_as_words() {
             pcm,
             language: None,
             translate: false,
+            timestamps: false,
         });
     }
     let (results, _) = m.recognize_batch(&batch);
     assert_eq!(results.len(), pcms.len() + 2);
-    for (single, batched) in singles.iter().zip(&results) {
-        assert_eq!(&batched.as_ref().unwrap().transcript.text, single);
+    for (i, (single, batched)) in singles.iter().zip(&results).enumerate() {
+        let t = &batched.as_ref().unwrap().transcript;
+        if i % 3 == 0 {
+            assert!(!t.text.is_empty());
+            let joined: Vec<&str> = t.segments.iter().map(|s| s.text.as_str()).collect();
+            assert_eq!(joined.join(" "), t.text);
+        } else {
+            assert_eq!(&t.text, single);
+            assert!(t.segments.is_empty());
+        }
     }
     let quiet = results[pcms.len()].as_ref().unwrap();
     assert_eq!(quiet.transcript.text, "");

@@ -58,6 +58,18 @@ pub struct FinalMessage {
     /// Probability of the detected language; absent when it was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language_probability: Option<f32>,
+    /// With `timestamps=true`: the text in segments, each with its times
+    /// (seconds from the start of the session's audio, like `start`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Vec<SegmentMessage>>,
+}
+
+/// A stretch of a final's text between two of Whisper's timestamps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegmentMessage {
+    pub start: f64,
+    pub end: f64,
+    pub text: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -277,6 +289,7 @@ mod tests {
             inference_ms: 25.0,
             language: Some("en".into()),
             language_probability: None,
+            segments: None,
         });
         assert_eq!(
             m.to_json(),

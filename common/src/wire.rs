@@ -49,6 +49,10 @@ pub struct Header {
     pub language: String,
     /// Language to translate into, e.g. `en`; empty means no translation.
     pub translate: String,
+    /// Return the transcript's segments with Whisper's timestamps. Encoded
+    /// only when set (a trailing byte), so a header without it is the same
+    /// bytes as before the field existed.
+    pub timestamps: bool,
     /// Sample rate of the audio that follows; always [`SAMPLE_RATE`] today.
     pub sample_rate: u32,
 }
@@ -75,6 +79,18 @@ pub struct Final {
     /// The text translated, or why it could not be, when the header asked
     /// for a translation.
     pub translation: Option<Translated>,
+    /// The transcript's segments, when the header asked for timestamps
+    /// (a trailing section, encoded only when not empty).
+    pub segments: Vec<Segment>,
+}
+
+/// A stretch of a transcript; times in milliseconds from the start of the
+/// utterance's audio.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub start_ms: u32,
+    pub end_ms: u32,
+    pub text: String,
 }
 
 /// A final's text in another language.
@@ -266,6 +282,11 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
                 edge: r.str8("edge")?,
                 language: r.str8("language")?,
                 translate: r.str8("translate")?,
+                timestamps: if r.buf.has_remaining() {
+                    r.flag("timestamps")?
+                } else {
+                    false
+                },
             })
         }
         T_AUDIO => Frame::Audio(std::mem::take(&mut r.buf)),
@@ -298,6 +319,20 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
                         value: other,
                     });
                 }
+            },
+            segments: if r.buf.has_remaining() {
+                let count = r.u16("segment count")?;
+                (0..count)
+                    .map(|_| {
+                        Ok(Segment {
+                            start_ms: r.u32("segment start")?,
+                            end_ms: r.u32("segment end")?,
+                            text: r.str32("segment text")?,
+                        })
+                    })
+                    .collect::<Result<_, FrameError>>()?
+            } else {
+                Vec::new()
             },
         }),
         T_ERROR => Frame::Error(WireError {
@@ -336,6 +371,20 @@ impl Reader {
     fn u8(&mut self, what: &'static str) -> Result<u8, FrameError> {
         self.need(1, what)?;
         Ok(self.buf.get_u8())
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
+        self.need(2, what)?;
+        Ok(self.buf.get_u16())
+    }
+
+    /// A byte that must be 0 or 1.
+    fn flag(&mut self, what: &'static str) -> Result<bool, FrameError> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(FrameError::InvalidFlag { what, value }),
+        }
     }
 
     fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
@@ -395,6 +444,9 @@ impl Frame {
                 put_str8(&mut body, &h.edge, "edge")?;
                 put_str8(&mut body, &h.language, "language")?;
                 put_str8(&mut body, &h.translate, "translate")?;
+                if h.timestamps {
+                    body.put_u8(1);
+                }
             }
             Frame::Audio(audio) => {
                 body.put_u8(T_AUDIO);
@@ -426,6 +478,20 @@ impl Frame {
                         body.put_u8(2);
                         put_str8(&mut body, language, "translation language")?;
                         put_str16(&mut body, reason);
+                    }
+                }
+                if !f.segments.is_empty() {
+                    let count =
+                        u16::try_from(f.segments.len()).map_err(|_| FrameError::StringTooLong {
+                            what: "segments",
+                            len: f.segments.len(),
+                            max: u16::MAX as usize,
+                        })?;
+                    body.put_u16(count);
+                    for segment in &f.segments {
+                        body.put_u32(segment.start_ms);
+                        body.put_u32(segment.end_ms);
+                        put_str32(&mut body, &segment.text)?;
                     }
                 }
             }
@@ -613,6 +679,7 @@ mod tests {
             edge: "e1".into(),
             language: "en".into(),
             translate: String::new(),
+            timestamps: false,
             sample_rate: 16_000,
         }
     }
@@ -636,6 +703,26 @@ mod tests {
         expected.extend([2, b'e', b'u', 2, b'e', b'1', 2, b'e', b'n', 0]);
         assert_eq!(bytes_of(&Frame::Header(header())), expected);
         assert_eq!(decode_all(&expected), Ok(Some(Frame::Header(header()))));
+
+        // Timestamps asked for: one trailing byte, 1; any other is invalid.
+        let timed = Header {
+            timestamps: true,
+            ..header()
+        };
+        let mut with = expected.clone();
+        with[3] += 1;
+        with.push(1);
+        assert_eq!(bytes_of(&Frame::Header(timed.clone())), with);
+        assert_eq!(decode_all(&with), Ok(Some(Frame::Header(timed))));
+        let last = with.len() - 1;
+        with[last] = 2;
+        assert_eq!(
+            decode_all(&with),
+            Err(FrameError::InvalidFlag {
+                what: "timestamps",
+                value: 2
+            })
+        );
     }
 
     #[test]
@@ -666,6 +753,7 @@ mod tests {
             language: "fr".into(),
             language_probability: 0.5,
             translation: None,
+            segments: Vec::new(),
         };
         let mut expected = vec![0, 0, 0, 66, 0x10, 0, 0, 0, 1];
         expected.extend([1; 32]);
@@ -696,7 +784,7 @@ mod tests {
                 language: "de".into(),
                 reason: "no".into(),
             }),
-            ..fin
+            ..fin.clone()
         };
         let mut without = expected.clone();
         without[3] += 7;
@@ -704,6 +792,27 @@ mod tests {
         without.extend([2, b'd', b'e', 0, 2, b'n', b'o']);
         assert_eq!(bytes_of(&Frame::Final(unavailable.clone())), without);
         assert_eq!(decode_all(&without), Ok(Some(Frame::Final(unavailable))));
+        // Segments: a trailing count, then start and end (ms) and text each.
+        let segmented = Final {
+            segments: vec![Segment {
+                start_ms: 20,
+                end_ms: 1_500,
+                text: "hé".into(),
+            }],
+            ..fin
+        };
+        let mut timed = expected.clone();
+        timed[3] += 17;
+        timed.extend([
+            0, 1, 0, 0, 0, 20, 0, 0, 0x05, 0xdc, 0, 0, 0, 3, b'h', 0xc3, 0xa9,
+        ]);
+        assert_eq!(bytes_of(&Frame::Final(segmented.clone())), timed);
+        assert_eq!(decode_all(&timed), Ok(Some(Frame::Final(segmented))));
+        // A count the body does not hold is an error, not a short list.
+        let mut short = expected.clone();
+        short[3] += 2;
+        short.extend([0, 1]);
+        assert!(decode_all(&short).is_err());
         // Any other flag is invalid, not "present".
         let mut bad = expected.clone();
         bad[last] = 3;

@@ -14,8 +14,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use earshot_common::audio::{Encoding, f32le_to_s16le, s16le_to_f32};
 use earshot_common::client::{
-    ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, ServerMessage, SessionInfo,
-    TranslationMessage, hex, micros_to_ms, parse_client_message,
+    ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, SegmentMessage, ServerMessage,
+    SessionInfo, TranslationMessage, hex, micros_to_ms, parse_client_message,
 };
 use earshot_common::wire::{self, Header, Translated};
 use futures::StreamExt;
@@ -51,12 +51,14 @@ pub struct ListenParams {
     pub language: Option<String>,
     /// Language to translate finals into (`translate=en`).
     pub translate: Option<String>,
+    /// Finals carry their segments with timestamps (`timestamps=true`).
+    pub timestamps: bool,
 }
 
 /// A refusal before the session starts: code, message, close code.
 type Refusal = (ClientErrorCode, String, u16);
 
-const KNOWN_PARAMS: &str = "sample_rate, encoding, language, translate";
+const KNOWN_PARAMS: &str = "sample_rate, encoding, language, translate, timestamps";
 
 /// `value` if it is a language code (two or three lowercase letters),
 /// else the query's refusal naming `param`.
@@ -82,6 +84,7 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
         encoding: Encoding::PcmS16le,
         language: None,
         translate: None,
+        timestamps: false,
     };
     for (key, value) in query {
         match key.as_str() {
@@ -118,6 +121,19 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
             // `auto` (or nothing) lets the model detect the language.
             "language" if value == "auto" => params.language = None,
             "translate" => params.translate = Some(language_code("translate", value, "")?),
+            "timestamps" => {
+                params.timestamps = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err((
+                            ClientErrorCode::InvalidQuery,
+                            format!("timestamps {:?} must be true or false", truncate(value)),
+                            close::POLICY,
+                        ));
+                    }
+                }
+            }
             "language" => params.language = Some(language_code("language", value, ", or auto")?),
             other => {
                 return Err((
@@ -502,6 +518,7 @@ impl Session {
             edge: self.edge.name.clone(),
             language: self.params.language.clone().unwrap_or_default(),
             translate: self.params.translate.clone().unwrap_or_default(),
+            timestamps: self.params.timestamps,
             sample_rate: wire::SAMPLE_RATE,
         };
         let uplink = self.edge.uplink.clone();
@@ -603,6 +620,19 @@ impl Session {
                     inference_ms: micros_to_ms(answer.fin.inference_us.into()),
                     language,
                     language_probability,
+                    segments: self.params.timestamps.then(|| {
+                        let offset = seconds(outcome.segment.start);
+                        answer
+                            .fin
+                            .segments
+                            .into_iter()
+                            .map(|s| SegmentMessage {
+                                start: offset + f64::from(s.start_ms) / 1e3,
+                                end: offset + f64::from(s.end_ms) / 1e3,
+                                text: s.text,
+                            })
+                            .collect()
+                    }),
                 });
                 self.send(socket, msg).await?;
                 if let Some(t) = translation {
@@ -714,11 +744,18 @@ mod tests {
                 encoding: Encoding::PcmS16le,
                 language: None,
                 translate: None,
+                timestamps: false,
             }
         );
-        let p = parse_params(&q(&[("encoding", "pcm_f32le"), ("language", "de")])).unwrap();
+        let p = parse_params(&q(&[
+            ("encoding", "pcm_f32le"),
+            ("language", "de"),
+            ("timestamps", "true"),
+        ]))
+        .unwrap();
         assert_eq!(p.encoding, Encoding::PcmF32le);
         assert_eq!(p.language.as_deref(), Some("de"));
+        assert!(p.timestamps);
     }
 
     #[test]
@@ -741,6 +778,7 @@ mod tests {
             ClientErrorCode::InvalidQuery
         );
         assert_eq!(code(&[("langauge", "en")]), ClientErrorCode::InvalidQuery);
+        assert_eq!(code(&[("timestamps", "1")]), ClientErrorCode::InvalidQuery);
         let (_, msg, close_code) = parse_params(&q(&[("langauge", "en")])).unwrap_err();
         assert!(
             msg.contains("langauge") && msg.contains("language"),

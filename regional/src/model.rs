@@ -112,6 +112,7 @@ impl ModelSlot {
                 pcm: j.pcm,
                 language: j.language,
                 translate: j.translate_to == Some("en"),
+                timestamps: j.timestamps,
             })
             .collect();
         let (results, _) = self.model.recognize_batch(&items);
@@ -153,6 +154,8 @@ pub struct JobAudio<'a> {
     pub pcm: &'a [f32],
     pub language: Option<&'a str>,
     pub translate_to: Option<&'a str>,
+    /// Return the transcript's segments with timestamps.
+    pub timestamps: bool,
 }
 
 /// A job's transcript and, when it asked for one, its translation.

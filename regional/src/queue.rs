@@ -70,6 +70,14 @@ impl Job {
             ("edge", h.edge.clone().into_bytes()),
             ("language", h.language.clone().into_bytes()),
             ("translate", h.translate.clone().into_bytes()),
+            (
+                "timestamps",
+                if h.timestamps {
+                    b"1".to_vec()
+                } else {
+                    b"0".to_vec()
+                },
+            ),
             ("sample_rate", h.sample_rate.to_string().into_bytes()),
             ("sha256", hex(&self.audio_sha256).into_bytes()),
             ("enqueued_us", self.enqueued_us.to_string().into_bytes()),
@@ -107,6 +115,8 @@ impl Job {
                 language: text("language")?,
                 // Absent in entries queued by an ingress older than wire v2.
                 translate: text("translate").unwrap_or_default(),
+                // Absent in entries queued before timestamps existed.
+                timestamps: text("timestamps").is_ok_and(|t| t == "1"),
                 sample_rate: u32::try_from(number("sample_rate")?)
                     .map_err(|_| "sample rate out of range")?,
             },
@@ -271,6 +281,7 @@ mod tests {
                 edge: "e".into(),
                 language: String::new(),
                 translate: "en".into(),
+                timestamps: true,
                 sample_rate: 16_000,
             },
             audio: Bytes::from_static(&[0, 1, 2, 255]),

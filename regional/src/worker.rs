@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use earshot_common::audio::s16le_to_f32;
 use earshot_common::retry::Backoff;
 use earshot_common::topology::Topology;
-use earshot_common::wire::{ErrorCode, Final, Frame, WireError};
+use earshot_common::wire::{ErrorCode, Final, Frame, Segment, WireError};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
@@ -334,7 +334,7 @@ async fn recognize(
     model: &SharedModel,
     admitted: &[Admitted],
 ) -> (BatchResults, String, Duration) {
-    let jobs: Vec<(bytes::Bytes, Option<String>, Option<String>)> = admitted
+    let jobs: Vec<(bytes::Bytes, Option<String>, Option<String>, bool)> = admitted
         .iter()
         .map(|a| {
             let h = &a.job.header;
@@ -342,6 +342,7 @@ async fn recognize(
                 a.job.audio.clone(),
                 (!h.language.is_empty()).then(|| h.language.clone()),
                 (!h.translate.is_empty()).then(|| h.translate.clone()),
+                h.timestamps,
             )
         })
         .collect();
@@ -365,14 +366,15 @@ async fn recognize(
             }
             None => {}
         }
-        let pcm: Vec<Vec<f32>> = jobs.iter().map(|(audio, _, _)| s16le_to_f32(audio)).collect();
+        let pcm: Vec<Vec<f32>> = jobs.iter().map(|(audio, ..)| s16le_to_f32(audio)).collect();
         let audio: Vec<JobAudio<'_>> = jobs
             .iter()
             .zip(&pcm)
-            .map(|((_, language, translate_to), pcm)| JobAudio {
+            .map(|((_, language, translate_to, timestamps), pcm)| JobAudio {
                 pcm,
                 language: language.as_deref(),
                 translate_to: translate_to.as_deref(),
+                timestamps: *timestamps,
             })
             .collect();
         (
@@ -436,6 +438,15 @@ fn answer(
                 language: t.language.unwrap_or_default(),
                 language_probability: t.language_probability.unwrap_or(-1.0),
                 translation: r.translation,
+                segments: t
+                    .segments
+                    .iter()
+                    .map(|s| Segment {
+                        start_ms: (s.start * 1e3).round() as u32,
+                        end_ms: (s.end * 1e3).round() as u32,
+                        text: s.text.clone(),
+                    })
+                    .collect(),
                 region: ctx.region.clone(),
                 model: model_id.to_owned(),
                 audio_sha256: job.audio_sha256,
