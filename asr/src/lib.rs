@@ -7,6 +7,7 @@
 
 pub mod ct2;
 pub mod generate;
+pub mod kernels;
 pub mod marian;
 pub mod mel;
 pub mod net;

@@ -15,6 +15,8 @@ use candle_nn::kv_cache::KvCache;
 use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::whisper::Config;
 
+use crate::kernels;
+
 /// A linear layer applied to every position of every row as one matrix
 /// product: `(B, L, D)` is flattened to `(B*L, D)` first. (candle's
 /// `Linear` broadcasts the weight over the batch instead, one product per
@@ -100,7 +102,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<T
     if let Some(mask) = mask {
         w = w.broadcast_add(mask)?;
     }
-    let w = candle_nn::ops::softmax_last_dim(&w)?;
+    let w = kernels::softmax_last_dim(&w)?;
     let (b, h, l, dh) = (w.dim(0)?, w.dim(1)?, w.dim(2)?, v.dim(3)?);
     w.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * dh))
 }
@@ -131,7 +133,7 @@ impl Mlp {
     }
 
     fn residual(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(&self.ln.forward(x)?)?.gelu_erf()?;
+        let h = kernels::gelu_erf(&self.fc1.forward(&self.ln.forward(x)?)?)?;
         x + self.fc2.forward(&h)?
     }
 }
@@ -397,8 +399,8 @@ impl Net {
     /// Log-mel `(B, n_mels, frames)` to audio features `(B, frames/2, D)`.
     pub fn encode(&self, mel: &Tensor) -> Result<Tensor> {
         let e = &self.encoder;
-        let x = e.conv1.forward(mel)?.gelu_erf()?;
-        let x = e.conv2.forward(&x)?.gelu_erf()?.transpose(1, 2)?;
+        let x = kernels::gelu_erf(&e.conv1.forward(mel)?)?;
+        let x = kernels::gelu_erf(&e.conv2.forward(&x)?)?.transpose(1, 2)?;
         let len = x.dim(1)?;
         if len > e.positions.dim(0)? {
             candle_core::bail!("{len} audio positions exceed the encoder's context");

@@ -137,20 +137,6 @@ fn overlong_audio_and_broken_directories_are_clear_errors() {
     assert!(err.to_string().contains("config.json"), "{err}");
 }
 
-/// The largest element-wise difference between two tensors of one shape.
-fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// The key/value cache is only a cache: feeding a prompt token by token
 /// gives the hidden states that feeding it at once gives.
 #[test]
@@ -178,7 +164,7 @@ fn the_decoder_cache_gives_what_a_full_recompute_gives() {
             .step(&mut one, &Tensor::new(&[[*t]], net.device()).unwrap())
             .unwrap();
         let expected = at_once.i((.., i..i + 1, ..)).unwrap();
-        let diff = max_abs_diff(&h, &expected);
+        let diff = earshot_asr::kernels::max_abs_diff(&h, &expected).unwrap();
         assert!(diff < 1e-4, "position {i}: {diff}");
     }
     assert_eq!(one.position(), 5);
@@ -201,7 +187,7 @@ fn the_decoder_cache_gives_what_a_full_recompute_gives() {
         )
         .unwrap();
     let expected = at_once.i((.., 1.., ..)).unwrap();
-    let diff = max_abs_diff(&rest, &expected);
+    let diff = earshot_asr::kernels::max_abs_diff(&rest, &expected).unwrap();
     assert!(diff < 1e-4, "after an offset: {diff}");
 }
 
