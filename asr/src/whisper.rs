@@ -1031,43 +1031,15 @@ impl WhisperModel {
         (index <= TIMESTAMPS).then_some(index as f32 * TIMESTAMP_SECONDS)
     }
 
-    /// Splits generated tokens at their timestamps: `<|t0|> text <|t1|>`
-    /// is a segment from t0 to t1; text after the last timestamp runs to
-    /// the end of the audio. Times are clamped to the audio.
+    /// The generated tokens split into segments at their timestamps.
     fn segments(&self, generated: &[u32], seconds: f64) -> Result<Vec<Segment>, AsrError> {
-        let end_of_audio = seconds as f32;
-        let mut segments = Vec::new();
-        let mut start: Option<f32> = None;
-        let mut text: Vec<u32> = Vec::new();
-        let mut close = |from: f32, to: f32, text: &mut Vec<u32>| -> Result<(), AsrError> {
-            let words = self.detokenize(text)?;
-            text.clear();
-            if !words.is_empty() {
-                segments.push(Segment {
-                    start: from.min(end_of_audio),
-                    end: to.min(end_of_audio).max(from.min(end_of_audio)),
-                    text: words,
-                });
-            }
-            Ok(())
-        };
-        for &token in generated {
-            match self.timestamp_seconds(token) {
-                Some(time) => match start {
-                    Some(from) if !text.is_empty() => {
-                        close(from, time, &mut text)?;
-                        start = None;
-                    }
-                    _ => start = Some(time),
-                },
-                None if token < self.tokens.eot => text.push(token),
-                None => {}
-            }
-        }
-        if !text.is_empty() {
-            close(start.unwrap_or(0.0), end_of_audio, &mut text)?;
-        }
-        Ok(segments)
+        split_segments(
+            generated,
+            |t| self.timestamp_seconds(t),
+            |t| t < self.tokens.eot,
+            seconds as f32,
+            |text| self.detokenize(text),
+        )
     }
 
     /// Whisper's timestamp rules (`ApplyTimestampRules` in OpenAI's
@@ -1173,6 +1145,54 @@ fn log_sum_exp(x: &[f32]) -> f32 {
     max + total.ln() as f32
 }
 
+/// Splits generated tokens at their timestamps: text between two
+/// timestamps is a segment from the first to the second (a segment may also
+/// start where the previous one ended, when one timestamp separates them);
+/// text after the last timestamp runs to `end_of_audio`. Times are clamped
+/// to the audio; segments without words are dropped.
+fn split_segments(
+    generated: &[u32],
+    timestamp: impl Fn(u32) -> Option<f32>,
+    is_text: impl Fn(u32) -> bool,
+    end_of_audio: f32,
+    detokenize: impl Fn(&[u32]) -> Result<String, AsrError>,
+) -> Result<Vec<Segment>, AsrError> {
+    let mut segments = Vec::new();
+    let mut close = |from: f32, to: f32, text: &mut Vec<u32>| -> Result<(), AsrError> {
+        let words = detokenize(text)?;
+        text.clear();
+        if !words.is_empty() {
+            let from = from.min(end_of_audio);
+            segments.push(Segment {
+                start: from,
+                end: to.min(end_of_audio).max(from),
+                text: words,
+            });
+        }
+        Ok(())
+    };
+    let mut open: Option<f32> = None;
+    let mut last = 0f32;
+    let mut text: Vec<u32> = Vec::new();
+    for &token in generated {
+        if let Some(time) = timestamp(token) {
+            if text.is_empty() {
+                open = Some(time);
+            } else {
+                close(open.unwrap_or(last), time, &mut text)?;
+                open = None;
+            }
+            last = time;
+        } else if is_text(token) {
+            text.push(token);
+        }
+    }
+    if !text.is_empty() {
+        close(open.unwrap_or(last), end_of_audio, &mut text)?;
+    }
+    Ok(segments)
+}
+
 /// Rows `rows` of a batch `(B, ...)`.
 fn select_rows(t: &Tensor, rows: &[usize]) -> Result<Tensor, AsrError> {
     let ids = Tensor::new(
@@ -1240,4 +1260,56 @@ fn language_tokens(tokenizer: &Tokenizer) -> Vec<(String, u32)> {
         .collect();
     out.sort_by_key(|(_, id)| *id);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tokens 100 and up are timestamps (`100 + n` is `n` x 20 ms); below
+    /// 50 are words, printed as their numbers; 50 is end-of-text.
+    fn split(tokens: &[u32], end: f32) -> Vec<(f32, f32, String)> {
+        split_segments(
+            tokens,
+            |t| t.checked_sub(100).map(|n| n as f32 * 0.02),
+            |t| t < 50,
+            end,
+            |text| {
+                Ok(text
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "))
+            },
+        )
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.start, s.end, s.text))
+        .collect()
+    }
+
+    #[test]
+    fn segments_follow_the_timestamp_tokens() {
+        // Pairs: <|0.00|> 1 2 <|1.00|><|1.00|> 3 <|2.00|>, then end-of-text.
+        assert_eq!(
+            split(&[100, 1, 2, 150, 150, 3, 200, 50], 5.0),
+            [(0.0, 1.0, "1 2".into()), (1.0, 2.0, "3".into())]
+        );
+        // One timestamp between two texts ends one and starts the next; an
+        // unterminated last segment runs from the last timestamp to the end
+        // of the audio.
+        assert_eq!(
+            split(&[100, 1, 150, 2, 175, 3], 4.0),
+            [
+                (0.0, 1.0, "1".into()),
+                (1.0, 1.5, "2".into()),
+                (1.5, 4.0, "3".into())
+            ]
+        );
+        // Times past the audio are clamped; empty segments dropped; text
+        // with no timestamp at all is one segment over the whole audio.
+        assert_eq!(split(&[100, 150, 1, 900], 2.0), [(1.0, 2.0, "1".into())]);
+        assert_eq!(split(&[1, 2], 3.0), [(0.0, 3.0, "1 2".into())]);
+        assert!(split(&[100, 150, 50], 3.0).is_empty());
+    }
 }

@@ -116,9 +116,10 @@ impl Regional {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Only workers translate: an ingress-only node loads no pairs.
         let translators = Arc::new(match &config.translation.models {
-            Some(dir) => model::Translators::load(dir)?,
-            None => model::Translators::default(),
+            Some(dir) if config.worker.count > 0 => model::Translators::load(dir)?,
+            _ => model::Translators::default(),
         });
         let ingress_id = uuid::Uuid::new_v4().simple().to_string();
         let router = ResultRouter::new(queue::results_channel(&config.region, &ingress_id));
