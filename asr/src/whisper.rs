@@ -915,7 +915,12 @@ impl WhisperModel {
                     .no_speech
                     .and_then(|id| softmax_at(logits, id as usize))
                     .unwrap_or(0.0),
-                max_new: max_new_tokens(request.seconds, &self.config, prompt.len() + 1),
+                max_new: max_new_tokens(
+                    request.seconds,
+                    &self.config,
+                    prompt.len() + 1,
+                    timestamps,
+                ),
                 generated: Vec::new(),
                 sum_logprob: 0.0,
                 ended: false,
@@ -1241,9 +1246,12 @@ pub fn compression_ratio(text: &str) -> f32 {
 /// Bounds decoding: the decoder's context, and a generous speech rate (real
 /// speech stays well under 10 tokens a second), which stops a model that
 /// never emits end-of-text from running away.
-fn max_new_tokens(seconds: f64, config: &Config, prompt: usize) -> usize {
+fn max_new_tokens(seconds: f64, config: &Config, prompt: usize, timestamps: bool) -> usize {
     let by_context = (config.max_target_positions / 2).saturating_sub(prompt);
-    let by_rate = 8 + (seconds * 10.0).ceil() as usize;
+    // Timestamps add two tokens per segment; segments are rarely shorter
+    // than a second.
+    let rate = if timestamps { 12.0 } else { 10.0 };
+    let by_rate = 8 + (seconds * rate).ceil() as usize;
     by_context.min(by_rate)
 }
 

@@ -489,7 +489,7 @@ impl Session {
     }
 
     /// Cuts `segment` out of the retained audio and sends it to a region.
-    fn dispatch(&mut self, segment: Segment) {
+    fn dispatch(&mut self, mut segment: Segment) {
         let from = (segment.start.saturating_sub(self.audio_base) as usize) * 2;
         let to = (segment.end.saturating_sub(self.audio_base) as usize) * 2;
         let Some(pcm) = self.audio.get(from..to.min(self.audio.len())) else {
@@ -506,6 +506,9 @@ impl Session {
                 base = self.audio_base,
                 "segment starts before retained audio"
             );
+            // What is sent starts at the retained audio: so do the final's
+            // times (and its segments').
+            segment.start = self.audio_base;
         }
         let audio = Bytes::copy_from_slice(pcm);
         let audio_sha256: [u8; 32] = Sha256::digest(&audio).into();

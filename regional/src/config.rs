@@ -63,8 +63,9 @@ pub struct WorkerConfig {
     pub encoder_window: EncoderWindow,
     /// Most utterances recognised together in one batch (encoded together
     /// when their windows match, decoded in lockstep). 1 turns batching off.
-    #[serde(default = "d_max_batch")]
-    pub max_batch: usize,
+    /// Default: 1 on the CPU (where batching gained little and delays each
+    /// job to its batch's end: docs/benchmarks.md), 8 on a GPU.
+    pub max_batch: Option<usize>,
     /// After a batch's first utterance arrives, how long the worker waits
     /// for more before recognising (0: take what is queued, wait for
     /// nothing; a busy worker batches anyway).
@@ -84,6 +85,19 @@ pub struct TranslationConfig {
     /// `<from>-<to>` (e.g. `en-de`) in the published Marian layout; all are
     /// loaded at start. Without it only Whisper's `en` is served.
     pub models: Option<PathBuf>,
+}
+
+impl WorkerConfig {
+    /// `max_batch`, or its default for where inference runs.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch.unwrap_or_else(|| {
+            if earshot_asr::whisper::inference_device().is_cpu() {
+                1
+            } else {
+                8
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,9 +141,6 @@ fn d_redis_timeout() -> u64 {
 }
 fn d_workers() -> usize {
     1
-}
-fn d_max_batch() -> usize {
-    8
 }
 fn d_claim_idle() -> u64 {
     30_000
@@ -193,7 +204,7 @@ impl RegionalConfig {
                 "limits.max_connections, max_inflight and max_streams_per_connection must be positive",
             );
         }
-        if !(1..=64).contains(&self.worker.max_batch) {
+        if !(1..=64).contains(&self.worker.max_batch()) {
             return bad("worker.max_batch must be between 1 and 64");
         }
         if self.worker.batch_window_ms > 1_000 {

@@ -199,7 +199,7 @@ impl Regional {
                 topology: self.topology.clone(),
                 metrics: self.metrics.clone(),
                 claim_idle: Duration::from_millis(self.config.worker.claim_idle_ms),
-                max_batch: self.config.worker.max_batch,
+                max_batch: self.config.worker.max_batch(),
                 batch_window: Duration::from_millis(self.config.worker.batch_window_ms),
                 translators: self.translators.clone(),
                 client: self.client.clone(),

@@ -135,10 +135,7 @@ async fn consume(
             process_batch(ctx, conn, model, claimed.claimed).await?;
             continue;
         }
-        let entries = tokio::select! {
-            r = read_batch(ctx, conn) => r?,
-            _ = shutdown.cancelled() => return Ok(()),
-        };
+        let entries = read_batch(ctx, conn, shutdown).await?;
         if !entries.is_empty() {
             process_batch(ctx, conn, model, entries).await?;
         }
@@ -149,10 +146,12 @@ async fn consume(
 /// (blocking up to [`BLOCK_MS`] for the first), then, for `batch_window`,
 /// whatever else arrives until the batch is full. Entries that pile up
 /// while a batch is recognised are read together by the next call, so a
-/// busy worker batches even with no window.
+/// busy worker batches even with no window. Shutdown interrupts only the
+/// wait for the first entry: entries in hand are returned, to be answered.
 async fn read_batch(
     ctx: &WorkerContext,
     conn: &mut MultiplexedConnection,
+    shutdown: &CancellationToken,
 ) -> redis::RedisResult<Vec<StreamId>> {
     let keys = [ctx.stream.as_str()];
     let mut entries = Vec::new();
@@ -163,7 +162,14 @@ async fn read_batch(
             .group(GROUP, &ctx.consumer)
             .count(ctx.max_batch - entries.len())
             .block(block);
-        let reply: Option<StreamReadReply> = conn.xread_options(&keys, &[">"], &read).await?;
+        let reply: Option<StreamReadReply> = if entries.is_empty() {
+            tokio::select! {
+                r = conn.xread_options(&keys, &[">"], &read) => r?,
+                _ = shutdown.cancelled() => return Ok(entries),
+            }
+        } else {
+            conn.xread_options(&keys, &[">"], &read).await?
+        };
         let before = entries.len();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             entries.extend(key.ids);
