@@ -52,14 +52,7 @@ impl MarianModel {
     /// Loads a pair's directory onto [`inference_device`].
     pub fn load(dir: &Path) -> Result<Self, AsrError> {
         let config_path = dir.join("config.json");
-        let bytes = std::fs::read(&config_path).map_err(|e| AsrError::Read {
-            path: config_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let config: Config = serde_json::from_slice(&bytes).map_err(|e| AsrError::Config {
-            path: config_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let config: Config = crate::whisper::read_json(&config_path)?;
         let heads_ok = crate::whisper::heads_fit(
             config.d_model,
             config.encoder_attention_heads,

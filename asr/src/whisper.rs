@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::whisper::{self, Config};
+use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::mel;
@@ -407,45 +408,56 @@ pub(crate) fn heads_fit(d_model: usize, encoder_heads: usize, decoder_heads: usi
         && d_model.is_multiple_of(decoder_heads)
 }
 
+/// Reads and parses a JSON file, naming it in any error.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, AsrError> {
+    serde_json::from_slice(&read(path)?).map_err(|e| AsrError::Config {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 /// Reads and checks a Whisper `config.json`.
 pub fn load_config(dir: &Path) -> Result<Config, AsrError> {
+    Ok(read_config(dir)?.1)
+}
+
+/// `config.json` as its raw JSON (for the fields earshot adds) and as the
+/// checked [`Config`]; the file is read once.
+fn read_config(dir: &Path) -> Result<(serde_json::Value, Config), AsrError> {
     let path = dir.join("config.json");
-    let config: Config = serde_json::from_slice(&read(&path)?).map_err(|e| AsrError::Config {
+    let raw: serde_json::Value = read_json(&path)?;
+    let invalid = |reason: String| AsrError::Config {
         path: path.clone(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let config = Config::deserialize(&raw).map_err(|e| invalid(e.to_string()))?;
     let heads_ok = heads_fit(
         config.d_model,
         config.encoder_attention_heads,
         config.decoder_attention_heads,
     );
     if !heads_ok || config.num_mel_bins == 0 || config.max_target_positions < 8 {
-        return Err(AsrError::Config {
-            path,
-            reason: "d_model must be a multiple of both head counts, and mel bins and positions must be set".into(),
-        });
+        return Err(invalid(
+            "d_model must be a multiple of both head counts, and mel bins and positions must be set".into(),
+        ));
     }
-    Ok(config)
+    Ok((raw, config))
 }
 
-/// `generation_config.json` where the directory has one (as published),
-/// else the same fields from `config.json`.
-fn load_generation(dir: &Path) -> Result<GenerationConfig, AsrError> {
-    for name in ["generation_config.json", "config.json"] {
-        let path = dir.join(name);
-        if !path.is_file() {
-            continue;
-        }
-        let g: GenerationConfig =
-            serde_json::from_slice(&read(&path)?).map_err(|e| AsrError::Config {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
+/// `generation_config.json` where the directory has one with the decoder's
+/// fields (as published), else the same fields from `config.json` (`raw`).
+fn load_generation(dir: &Path, raw: &serde_json::Value) -> Result<GenerationConfig, AsrError> {
+    let path = dir.join("generation_config.json");
+    if path.is_file() {
+        let g: GenerationConfig = read_json(&path)?;
         if g.begin_suppress_tokens.is_some() || g.suppress_tokens.is_some() {
             return Ok(g);
         }
     }
-    Ok(GenerationConfig::default())
+    GenerationConfig::deserialize(raw).map_err(|e| AsrError::Config {
+        path: dir.join("config.json"),
+        reason: e.to_string(),
+    })
 }
 
 impl WhisperModel {
@@ -455,14 +467,12 @@ impl WhisperModel {
     pub fn load(dir: &Path, window: EncoderWindow) -> Result<Self, AsrError> {
         let device = inference_device();
         let dtype = inference_dtype(&device);
-        let config = load_config(dir)?;
-        let generation = load_generation(dir)?;
+        let (raw, config) = read_config(dir)?;
+        let generation = load_generation(dir, &raw)?;
         // A generated model (its config.json says so) speaks noise by
         // construction: the guards would withhold all of it, and the tests
         // that use one check plumbing, not words.
-        let generated =
-            serde_json::from_slice::<serde_json::Value>(&read(&dir.join("config.json"))?)
-                .is_ok_and(|v| v.get("earshot_generated").is_some());
+        let generated = raw.get("earshot_generated").is_some();
 
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| AsrError::Tokenizer {

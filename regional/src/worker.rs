@@ -330,6 +330,11 @@ fn check(ctx: &WorkerContext, job: &Job) -> Result<(), (WireError, &'static str)
     Ok(())
 }
 
+/// `None` for a header's empty (absent) field.
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
 type BatchResults = Vec<Result<Recognized, earshot_asr::AsrError>>;
 
 /// Runs the model on the admitted jobs off the async executor (inference is
@@ -340,24 +345,15 @@ async fn recognize(
     model: &SharedModel,
     admitted: &[Admitted],
 ) -> (BatchResults, String, Duration) {
-    let jobs: Vec<(bytes::Bytes, Option<String>, Option<String>, bool)> = admitted
-        .iter()
-        .map(|a| {
-            let h = &a.job.header;
-            (
-                a.job.audio.clone(),
-                (!h.language.is_empty()).then(|| h.language.clone()),
-                (!h.translate.is_empty()).then(|| h.translate.clone()),
-                h.timestamps,
-            )
-        })
-        .collect();
+    let jobs: Vec<Job> = admitted.iter().map(|a| a.job.clone()).collect();
     let count = jobs.len();
     let started = Instant::now();
     let model = model.clone();
     let metrics = ctx.metrics.clone();
     let translators = ctx.translators.clone();
+    let span = tracing::Span::current();
     let result = tokio::task::spawn_blocking(move || {
+        let _span = span.enter();
         let mut slot = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // A new model version (the sync agent switched `current`) takes
         // over from this batch on.
@@ -372,15 +368,15 @@ async fn recognize(
             }
             None => {}
         }
-        let pcm: Vec<Vec<f32>> = jobs.iter().map(|(audio, ..)| s16le_to_f32(audio)).collect();
+        let pcm: Vec<Vec<f32>> = jobs.iter().map(|j| s16le_to_f32(&j.audio)).collect();
         let audio: Vec<JobAudio<'_>> = jobs
             .iter()
             .zip(&pcm)
-            .map(|((_, language, translate_to, timestamps), pcm)| JobAudio {
+            .map(|(j, pcm)| JobAudio {
                 pcm,
-                language: language.as_deref(),
-                translate_to: translate_to.as_deref(),
-                timestamps: *timestamps,
+                language: non_empty(&j.header.language),
+                translate_to: non_empty(&j.header.translate),
+                timestamps: j.header.timestamps,
             })
             .collect();
         (
