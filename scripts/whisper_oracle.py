@@ -7,10 +7,12 @@ Request:
   {"ct2_dir": DIR, "threads": 2,
    "mel": {"path": F32LE_FILE, "n_mels": 80, "frames": 3000},   (optional)
    "decode": [{"prompt": [ids], "suppress": [ids]}, ...],        (needs mel)
+   "align": [{"start": [ids], "text": [ids], "num_frames": N}],  (needs mel)
    "detect_wavs": [WAV, ...],        (faster-whisper's detect_language per file)
    "encoder_out": OUT_F32LE_FILE}    (optional: write the encoder output)
 Answer:
   {"encoder_shape": [...], "tokens": [[ids], ...],
+   "alignments": [[[token, position], ...], ...] (CTranslate2's align),
    "languages": [[code, prob] (on the given mel)],
    "detected": [[code, prob], ...] (per wav, faster-whisper)}
 """
@@ -43,6 +45,10 @@ if "mel" in req:
         res = model.generate(enc, [d["prompt"]], beam_size=1, max_length=448,
                              suppress_blank=True, suppress_tokens=d["suppress"])
         out["tokens"].append([int(t) for t in res[0].sequences_ids[0]])
+    out["alignments"] = []
+    for a in req.get("align", []):
+        res = model.align(enc, a["start"], [a["text"]], a["num_frames"])
+        out["alignments"].append([[int(i), int(j)] for i, j in res[0].alignments])
     if model.is_multilingual:
         out["languages"] = [[c[2:-2], float(p)] for c, p in model.detect_language(enc)[0][:3]]
 

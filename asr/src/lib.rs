@@ -5,6 +5,7 @@
 //! greedy transcription and translation with Whisper's hallucination guards,
 //! and seeded test models in the published layout for fast tests.
 
+pub mod align;
 pub mod ct2;
 pub mod generate;
 pub mod kernels;
@@ -20,8 +21,9 @@ pub fn inference_threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
+pub use align::Word;
 pub use generate::{TestModelSpec, generate_test_model};
 pub use whisper::{
-    AsrError, EncoderWindow, Guards, Recognition, Request, Segment, Task, Timings, Transcript,
-    Utterance, WhisperModel, Withheld,
+    Alignment, AsrError, EncoderWindow, Guards, Recognition, Request, Segment, Task, Timings,
+    Transcript, Utterance, WhisperModel, Withheld,
 };

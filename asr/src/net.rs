@@ -102,7 +102,12 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<T
     if let Some(mask) = mask {
         w = w.broadcast_add(mask)?;
     }
-    let w = kernels::softmax_last_dim(&w)?;
+    mix(&w, v)
+}
+
+/// Attention scores `(B, H, Lq, Lk)` softmaxed and applied to `v`.
+fn mix(scores: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let w = kernels::softmax_last_dim(scores)?;
     let (b, h, l, dh) = (w.dim(0)?, w.dim(1)?, w.dim(2)?, v.dim(3)?);
     w.matmul(v)?.transpose(1, 2)?.reshape((b, l, h * dh))
 }
@@ -439,7 +444,47 @@ impl Net {
     /// Feeds `tokens` `(B, L)` after those already in `state`; returns the
     /// decoder's hidden states `(B, L, D)` for them.
     pub fn step(&self, state: &mut DecodeState, tokens: &Tensor) -> Result<Tensor> {
+        self.step_capturing(state, tokens, &[], &mut Vec::new())
+    }
+
+    /// The raw (scaled, pre-softmax) cross-attention scores `(L, S)` of
+    /// the `(layer, head)` pairs in `wanted`, for `tokens` `(1, L)` fed
+    /// from the start against row `row` of `state`'s audio. `state` itself
+    /// is left as it is: this is the extra pass word timestamps make.
+    pub fn cross_attention(
+        &self,
+        state: &DecodeState,
+        row: usize,
+        tokens: &Tensor,
+        wanted: &[(usize, usize)],
+    ) -> Result<Vec<Tensor>> {
+        let mut fresh = DecodeState {
+            cross: state
+                .cross
+                .iter()
+                .map(|(k, v)| Ok((k.narrow(0, row, 1)?, v.narrow(0, row, 1)?)))
+                .collect::<Result<_>>()?,
+            cache: (0..self.decoder.layers.len())
+                .map(|_| KvCache::new(2, self.max_target))
+                .collect(),
+            position: 0,
+        };
+        let mut captured = Vec::with_capacity(wanted.len());
+        self.step_capturing(&mut fresh, tokens, wanted, &mut captured)?;
+        Ok(captured)
+    }
+
+    /// [`Net::step`], also pushing onto `captured` the cross-attention
+    /// scores of row 0 for each `(layer, head)` in `wanted`, in its order.
+    fn step_capturing(
+        &self,
+        state: &mut DecodeState,
+        tokens: &Tensor,
+        wanted: &[(usize, usize)],
+        captured: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let dec = &self.decoder;
+        let mut slots: Vec<Option<Tensor>> = vec![None; wanted.len()];
         let l = tokens.dim(1)?;
         let p0 = state.position;
         if p0 + l > self.max_target {
@@ -458,11 +503,12 @@ impl Net {
         } else {
             None
         };
-        for ((layer, cache), (ck, cv)) in dec
+        for (index, ((layer, cache), (ck, cv))) in dec
             .layers
             .iter()
             .zip(state.cache.iter_mut())
             .zip(state.cross.iter())
+            .enumerate()
         {
             let (q, k, v) = split_qkv(
                 &layer.self_qkv.forward(&layer.self_ln.forward(&x)?)?,
@@ -475,10 +521,22 @@ impl Net {
                 &layer.cross_q.forward(&layer.cross_ln.forward(&x)?)?,
                 dec.n_head,
             )?;
-            let a = attend(&q, ck, cv, None)?;
+            let scores = q.matmul(&ck.t()?)?;
+            for (slot, &(at, head)) in slots.iter_mut().zip(wanted) {
+                if at == index {
+                    *slot = Some(scores.i((0, head))?.to_dtype(DType::F32)?);
+                }
+            }
+            let a = mix(&scores, cv)?;
             x = layer.mlp.residual(&(&x + layer.cross_out.forward(&a)?)?)?;
         }
         state.position += l;
+        for (slot, (layer, head)) in slots.into_iter().zip(wanted) {
+            match slot {
+                Some(t) => captured.push(t),
+                None => candle_core::bail!("no attention head {head} in decoder layer {layer}"),
+            }
+        }
         dec.ln.forward(&x)
     }
 

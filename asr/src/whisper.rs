@@ -14,8 +14,9 @@ use candle_transformers::models::whisper::{self, Config};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
+use crate::align::{self, Word};
 use crate::mel;
-use crate::net::Net;
+use crate::net::{DecodeState, Net};
 
 /// Longest audio one call may transcribe: Whisper's window.
 pub const MAX_SECONDS: f64 = 30.0;
@@ -250,6 +251,9 @@ pub struct Transcript {
     /// The text split at Whisper's timestamps, when they were asked for
     /// (empty otherwise, and when withheld).
     pub segments: Vec<Segment>,
+    /// Each word and when it was spoken, when asked for (empty otherwise,
+    /// and when withheld).
+    pub words: Vec<Word>,
 }
 
 /// A transcript and, when asked for, Whisper's English translation of the
@@ -271,6 +275,8 @@ pub struct Utterance<'a> {
     pub translate: bool,
     /// Decode with timestamp tokens and return the transcript's segments.
     pub timestamps: bool,
+    /// Also time each word (from the alignment heads' cross-attention).
+    pub words: bool,
 }
 
 /// One row of a batched decode: its language hint and audio length.
@@ -281,6 +287,8 @@ pub struct Request<'a> {
     /// Decode with timestamp tokens (Whisper's timestamp rules) and split
     /// the text into segments.
     pub timestamps: bool,
+    /// Time each word of the transcript.
+    pub words: bool,
 }
 
 /// A stretch of the transcript between two timestamp tokens; times are
@@ -292,6 +300,16 @@ pub struct Segment {
     pub text: String,
 }
 
+/// A transcript aligned to its audio.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Alignment {
+    /// `(row, position)` pairs of the dynamic time warping path: row 0
+    /// predicts the first text token, the last row end-of-text; positions
+    /// are 20 ms apart.
+    pub path: Vec<(usize, usize)>,
+    pub words: Vec<Word>,
+}
+
 /// A row's progress while a batch decodes.
 struct Row {
     language: String,
@@ -299,6 +317,8 @@ struct Row {
     no_speech: f32,
     max_new: usize,
     generated: Vec<u32>,
+    /// The probability of each generated token when it was chosen.
+    probabilities: Vec<f32>,
     sum_logprob: f64,
     ended: bool,
     /// Ended, or reached its token ceiling.
@@ -334,6 +354,10 @@ struct GenerationConfig {
     begin_suppress_tokens: Option<Vec<u32>>,
     #[serde(default)]
     suppress_tokens: Option<Vec<u32>>,
+    /// `(decoder layer, head)` pairs whose cross-attention follows the
+    /// audio, for word timestamps.
+    #[serde(default)]
+    alignment_heads: Option<Vec<(usize, usize)>>,
 }
 
 /// A loaded Whisper model. `Sync`: the weights are immutable and every call
@@ -355,6 +379,8 @@ pub struct WhisperModel {
     window: EncoderWindow,
     multilingual: bool,
     guards: Guards,
+    /// The cross-attention heads word timestamps read.
+    alignment_heads: Vec<(usize, usize)>,
 }
 
 impl std::fmt::Debug for WhisperModel {
@@ -550,7 +576,15 @@ impl WhisperModel {
             allow_timestamps(&suppress),
             allow_timestamps(&suppress_first),
         ];
+        let alignment_heads =
+            alignment_heads(generation.alignment_heads, &config).map_err(|reason| {
+                AsrError::Config {
+                    path: dir.join("generation_config.json"),
+                    reason,
+                }
+            })?;
         Ok(WhisperModel {
+            alignment_heads,
             front: mel::LogMel::new(config.num_mel_bins),
             net,
             config,
@@ -615,6 +649,11 @@ impl WhisperModel {
         self.tokens.sot
     }
 
+    /// The token id of `<|endoftext|>`; text tokens are below it.
+    pub fn eot_token(&self) -> u32 {
+        self.tokens.eot
+    }
+
     /// The token id of a language code's `<|xx|>`.
     pub fn language_token(&self, code: &str) -> Option<u32> {
         self.tokens
@@ -650,6 +689,7 @@ impl WhisperModel {
             language,
             translate,
             timestamps: false,
+            words: false,
         }]);
         let result = results
             .pop()
@@ -739,9 +779,13 @@ impl WhisperModel {
                 language: u.language,
                 seconds: u.pcm.len() as f64 / whisper::SAMPLE_RATE as f64,
                 timestamps: u.timestamps,
+                words: u.words,
             })
             .collect();
-        let transcripts = self.decode_batch(&features, &requests, Task::Transcribe)?;
+        let mut transcripts = self.decode_batch(&features, &requests, Task::Transcribe)?;
+        for (t, item) in transcripts.iter_mut().zip(items) {
+            align::snap_to_voice(&mut t.words, item.pcm, whisper::SAMPLE_RATE as u32);
+        }
         // Speech asked to be translated (by a model that can): decoded
         // again with the translate task, in the language just found.
         let can_translate = self.multilingual && self.tokens.translate.is_some();
@@ -757,6 +801,7 @@ impl WhisperModel {
                     language: transcripts[i].language.as_deref(),
                     seconds: requests[i].seconds,
                     timestamps: false,
+                    words: false,
                 })
                 .collect();
             let decoded = self.decode_batch(&subset, &requests, Task::Translate)?;
@@ -838,6 +883,7 @@ impl WhisperModel {
             language,
             seconds,
             timestamps: false,
+            words: false,
         };
         self.decode_batch(features, &[request], task)?
             .pop()
@@ -932,6 +978,7 @@ impl WhisperModel {
                     timestamps,
                 ),
                 generated: Vec::new(),
+                probabilities: Vec::new(),
                 sum_logprob: 0.0,
                 ended: false,
                 done: false,
@@ -980,6 +1027,7 @@ impl WhisperModel {
                     row.done = true;
                 } else {
                     row.generated.push(next);
+                    row.probabilities.push(logprob.exp());
                     row.done = row.generated.len() >= row.max_new;
                 }
                 next_tokens.push(next);
@@ -988,12 +1036,24 @@ impl WhisperModel {
             step += 1;
         }
         rows.into_iter()
-            .map(|row| self.finish(row, timestamps))
+            .zip(requests)
+            .enumerate()
+            .map(|(i, (row, request))| {
+                let words = request.words.then_some((&state, i, task));
+                self.finish(row, timestamps, words)
+            })
             .collect()
     }
 
-    /// A row's text, measured and judged by the guards.
-    fn finish(&self, row: Row, timestamps: bool) -> Result<Transcript, AsrError> {
+    /// A row's text, measured and judged by the guards; `words` (the
+    /// batch's decoding state, the row's index in it and the task) times
+    /// its words.
+    fn finish(
+        &self,
+        row: Row,
+        timestamps: bool,
+        words: Option<(&DecodeState, usize, Task)>,
+    ) -> Result<Transcript, AsrError> {
         let text_tokens: Vec<u32> = row
             .generated
             .iter()
@@ -1009,20 +1069,25 @@ impl WhisperModel {
             row.no_speech,
             avg_logprob,
         );
-        let (text, segments, tokens) = if withheld.is_some() {
-            (String::new(), Vec::new(), Vec::new())
+        let (text, segments, words, tokens) = if withheld.is_some() {
+            (String::new(), Vec::new(), Vec::new(), Vec::new())
         } else {
             let segments = if timestamps {
                 self.segments(&row.generated, row.seconds)?
             } else {
                 Vec::new()
             };
-            (text, segments, row.generated)
+            let words = match words {
+                Some((state, index, task)) => self.align_words(state, index, task, &row)?,
+                None => Vec::new(),
+            };
+            (text, segments, words, row.generated)
         };
         Ok(Transcript {
             text,
             tokens,
             segments,
+            words,
             language: Some(row.language),
             language_probability: row.language_probability,
             no_speech_probability: row.no_speech,
@@ -1030,6 +1095,106 @@ impl WhisperModel {
             compression_ratio,
             withheld,
         })
+    }
+
+    /// Word timestamps for one decoded row: [`WhisperModel::align_row`],
+    /// then OpenAI's clean-up (over-long words at sentence ends clipped,
+    /// punctuation merged into its neighbours).
+    fn align_words(
+        &self,
+        state: &DecodeState,
+        index: usize,
+        task: Task,
+        row: &Row,
+    ) -> Result<Vec<Word>, AsrError> {
+        let (text, probabilities): (Vec<u32>, Vec<f32>) = row
+            .generated
+            .iter()
+            .zip(&row.probabilities)
+            .filter(|(t, _)| **t < self.tokens.eot)
+            .map(|(t, p)| (*t, *p))
+            .unzip();
+        let alignment = self.align_row(
+            state,
+            index,
+            &row.language,
+            task,
+            &text,
+            &probabilities,
+            row.seconds,
+        )?;
+        Ok(align::tidy(alignment.words))
+    }
+
+    /// Aligns a known transcript to encoded audio `(1, S, D)` (CTranslate2's
+    /// `align`, faster-whisper's `find_alignment`): `text` is the text
+    /// tokens (no prompt, no timestamps), `seconds` how much of the window
+    /// holds audio. The words are as the path puts them, before any
+    /// clean-up.
+    pub fn align(
+        &self,
+        features: &Tensor,
+        language: &str,
+        task: Task,
+        text: &[u32],
+        seconds: f64,
+    ) -> Result<Alignment, AsrError> {
+        let state = self.net.start(features)?;
+        self.align_row(&state, 0, language, task, text, &[], seconds)
+    }
+
+    /// OpenAI's `find_alignment` for one row of a batch: the decoder is fed
+    /// the prompt (without timestamps), the text tokens and end-of-text
+    /// once more, and the alignment heads' cross-attention over the
+    /// positions that hold audio is aligned to the tokens by dynamic time
+    /// warping ([`align`]).
+    #[allow(clippy::too_many_arguments)]
+    fn align_row(
+        &self,
+        state: &DecodeState,
+        index: usize,
+        language: &str,
+        task: Task,
+        text: &[u32],
+        probabilities: &[f32],
+        seconds: f64,
+    ) -> Result<Alignment, AsrError> {
+        let mut tokens = vec![self.tokens.sot];
+        tokens.extend(self.prompt_after_sot(self.language_token(language), task, false));
+        // Rows from <|notimestamps|>: each predicts the next text token,
+        // the last one end-of-text.
+        let first = tokens.len() - 1;
+        tokens.extend(text);
+        tokens.push(self.tokens.eot);
+        if text.is_empty()
+            || self.alignment_heads.is_empty()
+            || tokens.len() > self.config.max_target_positions
+        {
+            return Ok(Alignment::default());
+        }
+        let input = Tensor::new(tokens.as_slice(), self.net.device())?.unsqueeze(0)?;
+        let scores = self
+            .net
+            .cross_attention(state, index, &input, &self.alignment_heads)?;
+        let rows = text.len() + 1;
+        let columns = scores.first().map_or(Ok(0), |t| t.dim(1))?;
+        let heads = scores
+            .iter()
+            .map(|t| t.narrow(0, first, rows)?.flatten_all()?.to_vec1::<f32>())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // Positions that hold audio, not padding (two mel frames each).
+        let content = ((seconds * 100.0).round() as usize / 2).clamp(1, columns.max(1));
+        let matrix = align::attention_matrix(&heads, rows, columns, content);
+        let path = align::dtw(&matrix, rows, content);
+        let spoken: Vec<u32> = text.iter().copied().chain([self.tokens.eot]).collect();
+        let words = align::split_words(
+            &spoken,
+            language,
+            |t| t >= self.tokens.eot,
+            |ids| self.tokenizer.decode(ids, false).unwrap_or_default(),
+        );
+        let words = align::word_times(&path, &words, probabilities);
+        Ok(Alignment { path, words })
     }
 
     fn detokenize(&self, tokens: &[u32]) -> Result<String, AsrError> {
@@ -1144,6 +1309,29 @@ pub fn inference_dtype(device: &Device) -> DType {
 }
 
 /// Timestamp tokens after `<|0.00|>`: 30 s in steps of 20 ms.
+/// The alignment heads a model names, checked against its decoder; a model
+/// that names none uses every head of its decoder's second half (OpenAI's
+/// default).
+fn alignment_heads(
+    named: Option<Vec<(usize, usize)>>,
+    config: &Config,
+) -> Result<Vec<(usize, usize)>, String> {
+    let (layers, heads) = (config.decoder_layers, config.decoder_attention_heads);
+    match named {
+        Some(named) if !named.is_empty() => {
+            if let Some((l, h)) = named.iter().find(|(l, h)| *l >= layers || *h >= heads) {
+                return Err(format!(
+                    "alignment head ({l}, {h}) is outside the decoder's {layers} layers of {heads} heads"
+                ));
+            }
+            Ok(named)
+        }
+        _ => Ok((layers / 2..layers)
+            .flat_map(|l| (0..heads).map(move |h| (l, h)))
+            .collect()),
+    }
+}
+
 const TIMESTAMPS: u32 = 1500;
 const TIMESTAMP_SECONDS: f32 = 0.02;
 /// The first timestamp is at most 1 s in (OpenAI's `max_initial_timestamp`).

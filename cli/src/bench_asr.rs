@@ -74,6 +74,7 @@ pub fn run(
     runs: usize,
     window: EncoderWindow,
     timestamps: bool,
+    words: bool,
 ) -> anyhow::Result<()> {
     let items = audio_set(&out.join("audio"))?;
     let whisper = WhisperModel::load(model, window)
@@ -83,11 +84,11 @@ pub fn run(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let window_name = if timestamps {
-        format!("{window}-timestamps")
-    } else {
-        window.to_string()
-    };
+    let window_name = format!(
+        "{window}{}{}",
+        if timestamps { "-timestamps" } else { "" },
+        if words { "-words" } else { "" }
+    );
     std::fs::create_dir_all(out.join("results"))?;
     let path = out
         .join("results")
@@ -110,6 +111,7 @@ pub fn run(
                 language,
                 translate: false,
                 timestamps,
+                words,
             };
             let (mut results, timings) = whisper.recognize_batch(&[utterance]);
             let result = results.pop().context("no result")?;
@@ -143,6 +145,7 @@ pub fn run(
             "ref": item.text, "text": tr.text, "n_tokens": tr.tokens.len(),
             "tokens": tr.tokens, "language": tr.language,
             "no_speech_prob": tr.no_speech_probability, "avg_logprob": tr.avg_logprob,
+            "words": tr.words.iter().map(|w| (w.text.trim(), w.start, w.end)).collect::<Vec<_>>(),
         });
         writeln!(file, "{line}")?;
         println!("{}\t{total:>7.0} ms\t{}", item.id, tr.text);
@@ -207,6 +210,7 @@ pub fn batch(
                         language: Some("en"),
                         translate: false,
                         timestamps: false,
+                        words: false,
                     })
                     .collect();
                 let (results, t) = whisper.recognize_batch(&utterances);

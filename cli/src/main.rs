@@ -107,6 +107,9 @@ enum BenchCmd {
         /// Decode with timestamp tokens (as `timestamps=true` sessions do).
         #[arg(long)]
         timestamps: bool,
+        /// Also time each word (as `words=true` sessions do).
+        #[arg(long)]
+        words: bool,
     },
     /// Jobs per second of one worker's model with batching on and off: N
     /// utterances waiting at once, recognised in batches of up to B.
@@ -250,13 +253,14 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
                     runs,
                     window,
                     timestamps,
+                    words,
                 },
         } => {
             let model = match model {
                 Some(m) => m,
                 None => assets::real_model("whisper-tiny.en")?,
             };
-            earshot_cli::bench_asr::run(&model, &out, runs, window, timestamps)
+            earshot_cli::bench_asr::run(&model, &out, runs, window, timestamps, words)
         }
         Cmd::Bench {
             command:

@@ -196,15 +196,17 @@ async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
     cluster.stop().await.unwrap();
 }
 
-/// `timestamps=true` on real weights: every final comes with Whisper's
-/// segments, in order, inside the final's own span of the session's audio,
-/// and together they are the final's text. Without it, finals have none.
+/// `timestamps=true&words=true` on real weights: every final comes with
+/// Whisper's segments and its words, each in order, inside the final's own
+/// span of the session's audio, and together they are the final's text.
+/// Without them, finals have neither.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timestamps_give_segments_inside_each_final() {
+async fn timestamps_give_segments_and_words_inside_each_final() {
     let model_dir = earshot_cli::assets::real_model("whisper-tiny.en").unwrap();
     let cluster = Cluster::single(&model_dir, "").await.unwrap();
     let speech = speech::synthesize(&SENTENCES[..2], 1.0, 0.5, cluster.dir.path()).unwrap();
-    let timed = stream(&cluster.listen_url("edge-fra", "?timestamps=true"), &speech).await;
+    let url = cluster.listen_url("edge-fra", "?timestamps=true&words=true");
+    let timed = stream(&url, &speech).await;
     assert!(timed.errors().is_empty(), "{:?}", timed.errors());
     let finals = timed.finals();
     assert_eq!(finals.len(), 2);
@@ -221,9 +223,26 @@ async fn timestamps_give_segments_inside_each_final() {
         }
         let joined: Vec<&str> = segments.iter().map(|s| s.text.as_str()).collect();
         assert_eq!(joined.join(" "), f.text);
+        // Words: never backwards, inside the final, and the whole text.
+        let words = f.words.as_ref().expect("words asked for");
+        let mut previous = f.start;
+        for w in words {
+            assert!(
+                previous <= w.start + 1e-3 && w.start <= w.end && w.end <= f.end + 1e-3,
+                "{w:?} in {f:?}"
+            );
+            previous = w.start;
+        }
+        let joined: Vec<&str> = words.iter().map(|w| w.text.as_str()).collect();
+        assert_eq!(joined.join(" "), f.text);
     }
     let plain = stream(&cluster.listen_url("edge-fra", ""), &speech).await;
-    assert!(plain.finals().iter().all(|f| f.segments.is_none()));
+    assert!(
+        plain
+            .finals()
+            .iter()
+            .all(|f| f.segments.is_none() && f.words.is_none())
+    );
     cluster.stop().await.unwrap();
 }
 

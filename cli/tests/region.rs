@@ -111,6 +111,7 @@ fn header(jurisdiction: &str, edge: &str) -> Header {
         language: "en".into(),
         translate: String::new(),
         timestamps: false,
+        words: false,
         sample_rate: 16_000,
     }
 }

@@ -62,9 +62,14 @@ pub struct FinalMessage {
     /// (seconds from the start of the session's audio, like `start`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub segments: Option<Vec<SegmentMessage>>,
+    /// With `words=true`: each word with its times (seconds from the start
+    /// of the session's audio), from the alignment heads' cross-attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub words: Option<Vec<SegmentMessage>>,
 }
 
-/// A stretch of a final's text between two of Whisper's timestamps.
+/// A stretch of a final's text between two of Whisper's timestamps, or one
+/// word.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SegmentMessage {
     pub start: f64,
@@ -290,10 +295,15 @@ mod tests {
             language: Some("en".into()),
             language_probability: None,
             segments: None,
+            words: Some(vec![SegmentMessage {
+                start: 1.5,
+                end: 1.75,
+                text: "hi".into(),
+            }]),
         });
         assert_eq!(
             m.to_json(),
-            r#"{"type":"final","utterance":2,"text":"hi","region":"eu-west","model":"whisper@1","start":1.5,"end":2.25,"audio_sha256":"00","latency_ms":31.25,"queue_ms":0.5,"inference_ms":25.0,"language":"en"}"#
+            r#"{"type":"final","utterance":2,"text":"hi","region":"eu-west","model":"whisper@1","start":1.5,"end":2.25,"audio_sha256":"00","latency_ms":31.25,"queue_ms":0.5,"inference_ms":25.0,"language":"en","words":[{"start":1.5,"end":1.75,"text":"hi"}]}"#
         );
         let e = ServerMessage::Error(ErrorMessage::new(
             ClientErrorCode::InvalidAudioFrame,

@@ -50,9 +50,12 @@ pub struct Header {
     /// Language to translate into, e.g. `en`; empty means no translation.
     pub translate: String,
     /// Return the transcript's segments with Whisper's timestamps. Encoded
-    /// only when set (a trailing byte), so a header without it is the same
-    /// bytes as before the field existed.
+    /// with `words` in one trailing byte of options (bit 0 and bit 1),
+    /// written only when either is set, so a header without them is the
+    /// same bytes as before the fields existed.
     pub timestamps: bool,
+    /// Return each word of the transcript with its start and end.
+    pub words: bool,
     /// Sample rate of the audio that follows; always [`SAMPLE_RATE`] today.
     pub sample_rate: u32,
 }
@@ -80,12 +83,16 @@ pub struct Final {
     /// for a translation.
     pub translation: Option<Translated>,
     /// The transcript's segments, when the header asked for timestamps
-    /// (a trailing section, encoded only when not empty).
+    /// (a trailing section, encoded only when this or `words` is not
+    /// empty).
     pub segments: Vec<Segment>,
+    /// The transcript's words, when the header asked for them (a trailing
+    /// section after the segments, encoded only when not empty).
+    pub words: Vec<Segment>,
 }
 
-/// A stretch of a transcript; times in milliseconds from the start of the
-/// utterance's audio.
+/// A stretch of a transcript (a segment, or one word); times in
+/// milliseconds from the start of the utterance's audio.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Segment {
     pub start_ms: u32,
@@ -274,19 +281,35 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
             if version != VERSION {
                 return Err(FrameError::Version(version));
             }
+            let session = r.array("session id")?;
+            let utterance = r.u32("utterance")?;
+            let sample_rate = r.u32("sample rate")?;
+            let jurisdiction = r.str8("jurisdiction")?;
+            let edge = r.str8("edge")?;
+            let language = r.str8("language")?;
+            let translate = r.str8("translate")?;
+            // Optional trailing options: bit 0 timestamps, bit 1 words.
+            let options = if r.buf.has_remaining() {
+                r.u8("options")?
+            } else {
+                0
+            };
+            if options > 0b11 {
+                return Err(FrameError::InvalidFlag {
+                    what: "header options",
+                    value: options,
+                });
+            }
             Frame::Header(Header {
-                session: r.array("session id")?,
-                utterance: r.u32("utterance")?,
-                sample_rate: r.u32("sample rate")?,
-                jurisdiction: r.str8("jurisdiction")?,
-                edge: r.str8("edge")?,
-                language: r.str8("language")?,
-                translate: r.str8("translate")?,
-                timestamps: if r.buf.has_remaining() {
-                    r.flag("timestamps")?
-                } else {
-                    false
-                },
+                session,
+                utterance,
+                sample_rate,
+                jurisdiction,
+                edge,
+                language,
+                translate,
+                timestamps: options & 1 != 0,
+                words: options & 2 != 0,
             })
         }
         T_AUDIO => Frame::Audio(std::mem::take(&mut r.buf)),
@@ -320,20 +343,8 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
                     });
                 }
             },
-            segments: if r.buf.has_remaining() {
-                let count = r.u16("segment count")?;
-                (0..count)
-                    .map(|_| {
-                        Ok(Segment {
-                            start_ms: r.u32("segment start")?,
-                            end_ms: r.u32("segment end")?,
-                            text: r.str32("segment text")?,
-                        })
-                    })
-                    .collect::<Result<_, FrameError>>()?
-            } else {
-                Vec::new()
-            },
+            segments: r.spans("segment")?,
+            words: r.spans("word")?,
         }),
         T_ERROR => Frame::Error(WireError {
             utterance: r.u32("utterance")?,
@@ -378,13 +389,23 @@ impl Reader {
         Ok(self.buf.get_u16())
     }
 
-    /// A byte that must be 0 or 1.
-    fn flag(&mut self, what: &'static str) -> Result<bool, FrameError> {
-        match self.u8(what)? {
-            0 => Ok(false),
-            1 => Ok(true),
-            value => Err(FrameError::InvalidFlag { what, value }),
+    /// An optional trailing section of spans (segments or words): a
+    /// count, then start and end (ms) and text each; none when the frame
+    /// ends here.
+    fn spans(&mut self, what: &'static str) -> Result<Vec<Segment>, FrameError> {
+        if !self.buf.has_remaining() {
+            return Ok(Vec::new());
         }
+        let count = self.u16(what)?;
+        (0..count)
+            .map(|_| {
+                Ok(Segment {
+                    start_ms: self.u32(what)?,
+                    end_ms: self.u32(what)?,
+                    text: self.str32(what)?,
+                })
+            })
+            .collect()
     }
 
     fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
@@ -444,8 +465,9 @@ impl Frame {
                 put_str8(&mut body, &h.edge, "edge")?;
                 put_str8(&mut body, &h.language, "language")?;
                 put_str8(&mut body, &h.translate, "translate")?;
-                if h.timestamps {
-                    body.put_u8(1);
+                let options = u8::from(h.timestamps) | u8::from(h.words) << 1;
+                if options != 0 {
+                    body.put_u8(options);
                 }
             }
             Frame::Audio(audio) => {
@@ -480,19 +502,11 @@ impl Frame {
                         put_str16(&mut body, reason);
                     }
                 }
-                if !f.segments.is_empty() {
-                    let count =
-                        u16::try_from(f.segments.len()).map_err(|_| FrameError::StringTooLong {
-                            what: "segments",
-                            len: f.segments.len(),
-                            max: u16::MAX as usize,
-                        })?;
-                    body.put_u16(count);
-                    for segment in &f.segments {
-                        body.put_u32(segment.start_ms);
-                        body.put_u32(segment.end_ms);
-                        put_str32(&mut body, &segment.text)?;
-                    }
+                if !f.segments.is_empty() || !f.words.is_empty() {
+                    put_spans(&mut body, &f.segments, "segments")?;
+                }
+                if !f.words.is_empty() {
+                    put_spans(&mut body, &f.words, "words")?;
                 }
             }
             Frame::Error(e) => {
@@ -519,6 +533,22 @@ fn put_str8(dst: &mut BytesMut, s: &str, what: &'static str) -> Result<(), Frame
     })?;
     dst.put_u8(len);
     dst.put_slice(s.as_bytes());
+    Ok(())
+}
+
+/// A section of spans as [`Reader::spans`] reads it.
+fn put_spans(dst: &mut BytesMut, spans: &[Segment], what: &'static str) -> Result<(), FrameError> {
+    let count = u16::try_from(spans.len()).map_err(|_| FrameError::StringTooLong {
+        what,
+        len: spans.len(),
+        max: u16::MAX as usize,
+    })?;
+    dst.put_u16(count);
+    for span in spans {
+        dst.put_u32(span.start_ms);
+        dst.put_u32(span.end_ms);
+        put_str32(dst, &span.text)?;
+    }
     Ok(())
 }
 
@@ -680,6 +710,7 @@ mod tests {
             language: "en".into(),
             translate: String::new(),
             timestamps: false,
+            words: false,
             sample_rate: 16_000,
         }
     }
@@ -704,23 +735,28 @@ mod tests {
         assert_eq!(bytes_of(&Frame::Header(header())), expected);
         assert_eq!(decode_all(&expected), Ok(Some(Frame::Header(header()))));
 
-        // Timestamps asked for: one trailing byte, 1; any other is invalid.
-        let timed = Header {
-            timestamps: true,
-            ..header()
-        };
+        // Timestamps or words asked for: one trailing byte of options
+        // (bit 0 timestamps, bit 1 words); any other bit is invalid.
         let mut with = expected.clone();
         with[3] += 1;
-        with.push(1);
-        assert_eq!(bytes_of(&Frame::Header(timed.clone())), with);
-        assert_eq!(decode_all(&with), Ok(Some(Frame::Header(timed))));
+        with.push(0);
         let last = with.len() - 1;
-        with[last] = 2;
+        for (timestamps, words, byte) in [(true, false, 1), (false, true, 2), (true, true, 3)] {
+            let asked = Header {
+                timestamps,
+                words,
+                ..header()
+            };
+            with[last] = byte;
+            assert_eq!(bytes_of(&Frame::Header(asked.clone())), with);
+            assert_eq!(decode_all(&with), Ok(Some(Frame::Header(asked))));
+        }
+        with[last] = 4;
         assert_eq!(
             decode_all(&with),
             Err(FrameError::InvalidFlag {
-                what: "timestamps",
-                value: 2
+                what: "header options",
+                value: 4
             })
         );
     }
@@ -754,6 +790,7 @@ mod tests {
             language_probability: 0.5,
             translation: None,
             segments: Vec::new(),
+            words: Vec::new(),
         };
         let mut expected = vec![0, 0, 0, 66, 0x10, 0, 0, 0, 1];
         expected.extend([1; 32]);
@@ -799,7 +836,7 @@ mod tests {
                 end_ms: 1_500,
                 text: "hé".into(),
             }],
-            ..fin
+            ..fin.clone()
         };
         let mut timed = expected.clone();
         timed[3] += 17;
@@ -808,6 +845,23 @@ mod tests {
         ]);
         assert_eq!(bytes_of(&Frame::Final(segmented.clone())), timed);
         assert_eq!(decode_all(&timed), Ok(Some(Frame::Final(segmented))));
+        // Words without segments: an empty segment section, then the words
+        // in the same layout.
+        let worded = Final {
+            words: vec![Segment {
+                start_ms: 20,
+                end_ms: 1_500,
+                text: "hé".into(),
+            }],
+            ..fin
+        };
+        let mut spoken = expected.clone();
+        spoken[3] += 19;
+        spoken.extend([
+            0, 0, 0, 1, 0, 0, 0, 20, 0, 0, 0x05, 0xdc, 0, 0, 0, 3, b'h', 0xc3, 0xa9,
+        ]);
+        assert_eq!(bytes_of(&Frame::Final(worded.clone())), spoken);
+        assert_eq!(decode_all(&spoken), Ok(Some(Frame::Final(worded))));
         // A count the body does not hold is an error, not a short list.
         let mut short = expected.clone();
         short[3] += 2;

@@ -53,12 +53,27 @@ pub struct ListenParams {
     pub translate: Option<String>,
     /// Finals carry their segments with timestamps (`timestamps=true`).
     pub timestamps: bool,
+    /// Finals carry each word with its times (`words=true`).
+    pub words: bool,
 }
 
 /// A refusal before the session starts: code, message, close code.
 type Refusal = (ClientErrorCode, String, u16);
 
-const KNOWN_PARAMS: &str = "sample_rate, encoding, language, translate, timestamps";
+const KNOWN_PARAMS: &str = "sample_rate, encoding, language, translate, timestamps, words";
+
+/// `true` or `false`, else the query's refusal naming `param`.
+fn boolean(param: &str, value: &str) -> Result<bool, Refusal> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err((
+            ClientErrorCode::InvalidQuery,
+            format!("{param} {:?} must be true or false", truncate(value)),
+            close::POLICY,
+        )),
+    }
+}
 
 /// `value` if it is a language code (two or three lowercase letters),
 /// else the query's refusal naming `param`.
@@ -85,6 +100,7 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
         language: None,
         translate: None,
         timestamps: false,
+        words: false,
     };
     for (key, value) in query {
         match key.as_str() {
@@ -121,19 +137,8 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
             // `auto` (or nothing) lets the model detect the language.
             "language" if value == "auto" => params.language = None,
             "translate" => params.translate = Some(language_code("translate", value, "")?),
-            "timestamps" => {
-                params.timestamps = match value.as_str() {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return Err((
-                            ClientErrorCode::InvalidQuery,
-                            format!("timestamps {:?} must be true or false", truncate(value)),
-                            close::POLICY,
-                        ));
-                    }
-                }
-            }
+            "timestamps" => params.timestamps = boolean("timestamps", value)?,
+            "words" => params.words = boolean("words", value)?,
             "language" => params.language = Some(language_code("language", value, ", or auto")?),
             other => {
                 return Err((
@@ -522,6 +527,7 @@ impl Session {
             language: self.params.language.clone().unwrap_or_default(),
             translate: self.params.translate.clone().unwrap_or_default(),
             timestamps: self.params.timestamps,
+            words: self.params.words,
             sample_rate: wire::SAMPLE_RATE,
         };
         let uplink = self.edge.uplink.clone();
@@ -623,19 +629,14 @@ impl Session {
                     inference_ms: micros_to_ms(answer.fin.inference_us.into()),
                     language,
                     language_probability,
-                    segments: self.params.timestamps.then(|| {
-                        let offset = seconds(outcome.segment.start);
-                        answer
-                            .fin
-                            .segments
-                            .into_iter()
-                            .map(|s| SegmentMessage {
-                                start: offset + f64::from(s.start_ms) / 1e3,
-                                end: offset + f64::from(s.end_ms) / 1e3,
-                                text: s.text,
-                            })
-                            .collect()
-                    }),
+                    segments: self
+                        .params
+                        .timestamps
+                        .then(|| in_session(answer.fin.segments, seconds(outcome.segment.start))),
+                    words: self
+                        .params
+                        .words
+                        .then(|| in_session(answer.fin.words, seconds(outcome.segment.start))),
                 });
                 self.send(socket, msg).await?;
                 if let Some(t) = translation {
@@ -727,6 +728,19 @@ fn is_too_large(e: &axum::Error) -> bool {
     false
 }
 
+/// Spans (segments or words) of an utterance that began `offset` seconds
+/// into the session, in session seconds.
+fn in_session(spans: Vec<wire::Segment>, offset: f64) -> Vec<SegmentMessage> {
+    spans
+        .into_iter()
+        .map(|s| SegmentMessage {
+            start: offset + f64::from(s.start_ms) / 1e3,
+            end: offset + f64::from(s.end_ms) / 1e3,
+            text: s.text,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -748,17 +762,19 @@ mod tests {
                 language: None,
                 translate: None,
                 timestamps: false,
+                words: false,
             }
         );
         let p = parse_params(&q(&[
             ("encoding", "pcm_f32le"),
             ("language", "de"),
             ("timestamps", "true"),
+            ("words", "true"),
         ]))
         .unwrap();
         assert_eq!(p.encoding, Encoding::PcmF32le);
         assert_eq!(p.language.as_deref(), Some("de"));
-        assert!(p.timestamps);
+        assert!(p.timestamps && p.words);
     }
 
     #[test]
@@ -782,6 +798,7 @@ mod tests {
         );
         assert_eq!(code(&[("langauge", "en")]), ClientErrorCode::InvalidQuery);
         assert_eq!(code(&[("timestamps", "1")]), ClientErrorCode::InvalidQuery);
+        assert_eq!(code(&[("words", "yes")]), ClientErrorCode::InvalidQuery);
         let (_, msg, close_code) = parse_params(&q(&[("langauge", "en")])).unwrap_err();
         assert!(
             msg.contains("langauge") && msg.contains("language"),

@@ -113,6 +113,7 @@ impl ModelSlot {
                 language: j.language,
                 translate: j.translate_to == Some("en"),
                 timestamps: j.timestamps,
+                words: j.words,
             })
             .collect();
         let (results, _) = self.model.recognize_batch(&items);
@@ -156,6 +157,8 @@ pub struct JobAudio<'a> {
     pub translate_to: Option<&'a str>,
     /// Return the transcript's segments with timestamps.
     pub timestamps: bool,
+    /// Return each word with its times.
+    pub words: bool,
 }
 
 /// A job's transcript and, when it asked for one, its translation.

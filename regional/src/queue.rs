@@ -78,6 +78,14 @@ impl Job {
                     b"0".to_vec()
                 },
             ),
+            (
+                "words",
+                if h.words {
+                    b"1".to_vec()
+                } else {
+                    b"0".to_vec()
+                },
+            ),
             ("sample_rate", h.sample_rate.to_string().into_bytes()),
             ("sha256", hex(&self.audio_sha256).into_bytes()),
             ("enqueued_us", self.enqueued_us.to_string().into_bytes()),
@@ -117,6 +125,7 @@ impl Job {
                 translate: text("translate").unwrap_or_default(),
                 // Absent in entries queued before timestamps existed.
                 timestamps: text("timestamps").is_ok_and(|t| t == "1"),
+                words: text("words").is_ok_and(|t| t == "1"),
                 sample_rate: u32::try_from(number("sample_rate")?)
                     .map_err(|_| "sample rate out of range")?,
             },
@@ -282,6 +291,7 @@ mod tests {
                 language: String::new(),
                 translate: "en".into(),
                 timestamps: true,
+                words: true,
                 sample_rate: 16_000,
             },
             audio: Bytes::from_static(&[0, 1, 2, 255]),

@@ -377,6 +377,7 @@ async fn recognize(
                 language: non_empty(&j.header.language),
                 translate_to: non_empty(&j.header.translate),
                 timestamps: j.header.timestamps,
+                words: j.header.words,
             })
             .collect();
         (
@@ -443,11 +444,12 @@ fn answer(
                 segments: t
                     .segments
                     .iter()
-                    .map(|s| Segment {
-                        start_ms: (s.start * 1e3).round() as u32,
-                        end_ms: (s.end * 1e3).round() as u32,
-                        text: s.text.clone(),
-                    })
+                    .map(|s| span(s.start, s.end, &s.text))
+                    .collect(),
+                words: t
+                    .words
+                    .iter()
+                    .map(|w| span(w.start, w.end, &w.text))
                     .collect(),
                 region: ctx.region.clone(),
                 model: model_id.to_owned(),
@@ -468,5 +470,15 @@ fn answer(
                 "failed",
             )
         }
+    }
+}
+
+/// A segment or word on the wire: seconds to milliseconds, and a word's
+/// leading space dropped.
+fn span(start: f32, end: f32, text: &str) -> Segment {
+    Segment {
+        start_ms: (start.max(0.0) * 1e3).round() as u32,
+        end_ms: (end.max(0.0) * 1e3).round() as u32,
+        text: text.trim().to_owned(),
     }
 }
