@@ -127,3 +127,22 @@ pub fn silero_model() -> anyhow::Result<PathBuf> {
         p.file_name().is_some_and(|n| n == "silero_vad.onnx")
     })
 }
+
+/// A binary of this workspace, built next to the running one (`target/<profile>/`);
+/// tests find `earshot-regional` and `earshot-edge` there.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Integration tests run from target/<profile>/deps.
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if !path.is_file() {
+        anyhow::bail!(
+            "{} not found: build it first with `cargo build --workspace --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}

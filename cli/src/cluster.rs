@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use earshot_edge::{Edge, EdgeConfig};
 use earshot_regional::{Regional, RegionalConfig};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -21,8 +22,8 @@ pub struct RegionPlan {
     pub name: &'static str,
     pub jurisdiction: &'static str,
     pub workers: usize,
-    /// TOML appended to the region's config; it lands in the `[worker]`
-    /// table unless it opens another table.
+    /// TOML merged into the region's config, table by table (e.g.
+    /// `"[redis]\nqueue_limit = 2\n[worker]\nmax_batch = 4"`).
     pub extra: &'static str,
 }
 
@@ -37,6 +38,8 @@ pub struct EdgePlan {
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// Regions running as their own `earshot-regional` processes.
+    processes: HashMap<String, Child>,
     pub deployment: Deployment,
     pub redis: HashMap<String, RedisServer>,
     pub edge_ports: HashMap<String, u16>,
@@ -44,6 +47,16 @@ pub struct Cluster {
     pub quic_ports: HashMap<String, u16>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Drop for Cluster {
+    /// A test that fails midway must not leave region processes behind.
+    fn drop(&mut self) {
+        for child in self.processes.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl std::fmt::Debug for Cluster {
@@ -81,6 +94,18 @@ impl Cluster {
         model: &Path,
         regions: &[RegionPlan],
         edges: &[EdgePlan],
+    ) -> anyhow::Result<Cluster> {
+        Cluster::start_with_processes(model, regions, edges, &[]).await
+    }
+
+    /// As [`Cluster::start`], with the regions named in `processes` run as
+    /// `earshot-regional` processes (the built binary, on the same config
+    /// files), so a test can kill, terminate and restart them.
+    pub async fn start_with_processes(
+        model: &Path,
+        regions: &[RegionPlan],
+        edges: &[EdgePlan],
+        processes: &[&str],
     ) -> anyhow::Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let mut redis = HashMap::new();
@@ -133,6 +158,14 @@ impl Cluster {
         let mut region_http = HashMap::new();
         let mut quic_ports = HashMap::new();
         for r in &deployment.regions {
+            region_http.insert(r.name.clone(), r.http_port);
+            quic_ports.insert(r.name.clone(), r.quic_port);
+            if processes.contains(&r.name.as_str()) {
+                // The process binds the ports itself.
+                quic_sockets.remove(&r.name);
+                http_listeners.remove(&r.name);
+                continue;
+            }
             let config = RegionalConfig::load(&deployment.regional_config(&r.name))?;
             let regional = Regional::build(config, shutdown.clone())?;
             let quic = quic_sockets.remove(&r.name).context("quic socket")?;
@@ -140,8 +173,6 @@ impl Cluster {
             tasks.push(tokio::spawn(async move {
                 Ok(regional.serve(quic, http).await?)
             }));
-            region_http.insert(r.name.clone(), r.http_port);
-            quic_ports.insert(r.name.clone(), r.quic_port);
         }
         let mut edge_ports = HashMap::new();
         for e in &deployment.edges {
@@ -151,7 +182,8 @@ impl Cluster {
             tasks.push(tokio::spawn(async move { Ok(edge.serve(listener).await?) }));
             edge_ports.insert(e.name.clone(), e.http_port);
         }
-        let cluster = Cluster {
+        let mut cluster = Cluster {
+            processes: HashMap::new(),
             dir,
             deployment,
             redis,
@@ -161,10 +193,84 @@ impl Cluster {
             shutdown,
             tasks,
         };
+        for name in processes {
+            cluster.start_region(name)?;
+        }
         for port in cluster.region_http.values() {
             wait_ready(*port, Duration::from_secs(20)).await?;
         }
         Ok(cluster)
+    }
+
+    /// Starts region `name` as an `earshot-regional` process (again, after
+    /// a kill or stop), logging to `<dir>/logs/<name>.log`. Does not wait
+    /// for it to be ready.
+    pub fn start_region(&mut self, name: &str) -> anyhow::Result<()> {
+        let logs = self.dir.path().join("logs");
+        std::fs::create_dir_all(&logs)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(logs.join(format!("{name}.log")))?;
+        let child = Command::new(assets::binary("earshot-regional")?)
+            .arg("--config")
+            .arg(self.deployment.regional_config(name))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start earshot-regional for {name}"))?;
+        self.processes.insert(name.to_owned(), child);
+        Ok(())
+    }
+
+    /// `kill -9` of region `name`'s process.
+    pub fn kill_region(&mut self, name: &str) -> anyhow::Result<()> {
+        let mut child = self
+            .processes
+            .remove(name)
+            .with_context(|| format!("region {name} is not running as a process"))?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM to region `name`'s process; waits up to `within` for it to
+    /// exit and returns its status.
+    pub async fn terminate_region(
+        &mut self,
+        name: &str,
+        within: Duration,
+    ) -> anyhow::Result<ExitStatus> {
+        let mut child = self
+            .processes
+            .remove(name)
+            .with_context(|| format!("region {name} is not running as a process"))?;
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", child.id());
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                bail!("region {name} did not exit within {within:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The log of region `name`'s processes so far.
+    pub fn region_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log")))
+            .unwrap_or_default()
     }
 
     pub fn listen_url(&self, edge: &str, query: &str) -> String {
@@ -177,9 +283,18 @@ impl Cluster {
     }
 
     /// Stops every node and waits (bounded) for them to drain.
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let names: Vec<String> = self.processes.keys().cloned().collect();
+        for name in names {
+            let status = self
+                .terminate_region(&name, Duration::from_secs(30))
+                .await?;
+            if !status.success() {
+                bail!("region {name} exited with {status} on SIGTERM");
+            }
+        }
         self.shutdown.cancel();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             tokio::time::timeout(Duration::from_secs(30), t)
                 .await
                 .context("a node did not stop within 30 s")???;

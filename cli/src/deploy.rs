@@ -20,7 +20,7 @@ pub struct RegionSpec {
     pub redis_url: String,
     /// ASR workers; 0 runs the ingress alone.
     pub workers: usize,
-    /// Extra TOML appended to the region's config (e.g. a `[limits]` table).
+    /// Extra TOML merged into the region's config, table by table.
     pub extra: String,
 }
 
@@ -90,9 +90,11 @@ impl Deployment {
         t
     }
 
+    /// The region's config; `r.extra` is merged in table by table, so it
+    /// may set keys of any table, `[redis]` and `[worker]` included.
     pub fn regional_toml(&self, r: &RegionSpec) -> String {
         let c = certs::region_cert(&self.certs_dir(), &r.name);
-        format!(
+        let base = format!(
             r#"region = {name:?}
 topology = {topology:?}
 quic_listen = "127.0.0.1:{quic}"
@@ -109,7 +111,7 @@ url = {redis:?}
 [worker]
 model = {model:?}
 count = {workers}
-{extra}"#,
+"#,
             name = r.name,
             topology = self.topology_path(),
             quic = r.quic_port,
@@ -120,8 +122,8 @@ count = {workers}
             redis = r.redis_url,
             model = self.model,
             workers = r.workers,
-            extra = r.extra,
-        )
+        );
+        merge_toml(&base, &r.extra)
     }
 
     pub fn edge_toml(&self, e: &EdgeSpec) -> String {
@@ -168,6 +170,29 @@ onnxruntime = {ort:?}
             write(&self.edge_config(&e.name), &self.edge_toml(e))?;
         }
         Ok(())
+    }
+}
+
+/// `extra` merged into `base`: tables key by key, other values replaced.
+/// Both are this module's own TOML; an `extra` that does not parse is
+/// appended as it is, for the node's config loader to report.
+fn merge_toml(base: &str, extra: &str) -> String {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (key, value) in from {
+            match (into.get_mut(&key), value) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, value) => {
+                    into.insert(key, value);
+                }
+            }
+        }
+    }
+    match (base.parse::<toml::Table>(), extra.parse::<toml::Table>()) {
+        (Ok(mut base), Ok(extra)) => {
+            merge(&mut base, extra);
+            base.to_string()
+        }
+        _ => format!("{base}\n{extra}"),
     }
 }
 

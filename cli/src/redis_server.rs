@@ -1,5 +1,7 @@
 //! A throwaway `redis-server` on a free loopback port, for tests and the
-//! demo. Killed when dropped.
+//! demo, persistent like a production one: append-only file on, fsync on
+//! every write (`appendfsync always`), so an entry the ingress was told is
+//! queued survives `kill -9` of Redis. Killed when dropped.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -11,6 +13,7 @@ use anyhow::{Context, bail};
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    dir: std::path::PathBuf,
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -21,26 +24,35 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl RedisServer {
-    /// Starts redis-server with no persistence, its files in `dir`, and
-    /// waits until it answers PING.
+    /// Starts redis-server with its append-only file in `dir`, and waits
+    /// until it answers PING.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
+        let mut server = RedisServer {
+            child: None,
+            port: free_port()?,
+            dir: dir.to_owned(),
+        };
+        server.restart()?;
+        Ok(server)
+    }
+
+    /// Starts the server again (after [`RedisServer::stop`]) on the same port and files: what was
+    /// acknowledged before is there again.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--protected-mode", "yes"])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
-            .arg(dir)
+            .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start redis-server: install it with `make setup` (Debian package redis-server)")?;
-        let server = RedisServer {
-            child: Some(child),
-            port,
-        };
-        server.wait_ready(Duration::from_secs(10))?;
-        Ok(server)
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(10))
     }
 
     pub fn port(&self) -> u16 {
@@ -70,7 +82,8 @@ impl RedisServer {
         }
     }
 
-    /// Stops the server now (to test behaviour while Redis is down).
+    /// Stops the server now with SIGKILL (to test behaviour while Redis is
+    /// down).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -73,7 +73,7 @@ async fn connect(
     region: &str,
 ) -> Result<quinn::Connection, String> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(client_config(tls).unwrap());
+    endpoint.set_default_client_config(client_config(tls, Default::default()).unwrap());
     let addr = format!("127.0.0.1:{}", cluster.quic_ports[region])
         .parse()
         .unwrap();
@@ -318,7 +318,11 @@ async fn both_ends_verify_certificates_against_the_deployment_ca() {
     // A region name that is not on the certificate is refused too.
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(
-        client_config(&tls_for(&cluster.deployment.certs_dir(), "edge-fra")).unwrap(),
+        client_config(
+            &tls_for(&cluster.deployment.certs_dir(), "edge-fra"),
+            Default::default(),
+        )
+        .unwrap(),
     );
     let addr = format!("127.0.0.1:{}", cluster.quic_ports["eu-west"])
         .parse()
@@ -351,9 +355,7 @@ async fn a_crashed_workers_job_is_claimed_and_queued_jobs_are_answered_as_a_batc
     let mut manager = redis::aio::ConnectionManager::new(client.clone())
         .await
         .unwrap();
-    queue::enqueue(&mut manager, &stream, 1000, &job)
-        .await
-        .unwrap();
+    queue::enqueue(&mut manager, &stream, &job).await.unwrap();
     let mut sync = client.get_connection().unwrap();
     let opts = redis::streams::StreamReadOptions::default()
         .group(queue::GROUP, "crashed")
@@ -384,9 +386,7 @@ async fn a_crashed_workers_job_is_claimed_and_queued_jobs_are_answered_as_a_batc
         },
     ];
     for j in &batch {
-        queue::enqueue(&mut manager, &stream, 1000, j)
-            .await
-            .unwrap();
+        queue::enqueue(&mut manager, &stream, j).await.unwrap();
     }
 
     let mut pubsub = client.get_async_pubsub().await.unwrap();
@@ -401,6 +401,8 @@ async fn a_crashed_workers_job_is_claimed_and_queued_jobs_are_answered_as_a_batc
         topology: Arc::new(Topology::load(&cluster.deployment.topology_path()).unwrap()),
         metrics: metrics.clone(),
         claim_idle: Duration::from_millis(1000),
+        max_deliveries: 3,
+        result_ttl: Duration::from_secs(60),
         max_batch: 4,
         batch_window: Duration::ZERO,
         translators: Default::default(),
@@ -465,5 +467,7 @@ async fn a_crashed_workers_job_is_claimed_and_queued_jobs_are_answered_as_a_batc
     );
     let pending: redis::streams::StreamPendingReply = sync.xpending(&stream, queue::GROUP).unwrap();
     assert_eq!(pending.count(), 0, "the claimed job was acknowledged");
+    let left: usize = sync.xlen(&stream).unwrap();
+    assert_eq!(left, 0, "answered entries are deleted from the stream");
     cluster.stop().await.unwrap();
 }

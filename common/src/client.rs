@@ -93,6 +93,9 @@ pub struct ErrorMessage {
     pub fatal: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub utterance: Option<u32>,
+    /// With `unavailable`: seconds after which trying again may succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u32>,
 }
 
 /// Stable error codes sent to clients. Renaming one is a breaking change.
@@ -112,8 +115,10 @@ pub enum ClientErrorCode {
     FrameTooLarge,
     /// The region refused or failed this utterance; see `message`.
     UtteranceFailed,
-    /// No permitted region could take the utterance.
-    NoRegionAvailable,
+    /// No permitted region could take the utterance within the edge's retry
+    /// budget (every one unreachable, busy, draining or failing); comes
+    /// with `retry_after`. (Called `no_region_available` before.)
+    Unavailable,
     /// The edge is at its session limit; retry later.
     ServerBusy,
     /// No frame arrived within the idle timeout.
@@ -137,7 +142,7 @@ impl ClientErrorCode {
         ClientErrorCode::UnknownMessageType,
         ClientErrorCode::FrameTooLarge,
         ClientErrorCode::UtteranceFailed,
-        ClientErrorCode::NoRegionAvailable,
+        ClientErrorCode::Unavailable,
         ClientErrorCode::ServerBusy,
         ClientErrorCode::IdleTimeout,
         ClientErrorCode::ShuttingDown,
@@ -155,7 +160,7 @@ impl ClientErrorCode {
             ClientErrorCode::UnknownMessageType => "unknown_message_type",
             ClientErrorCode::FrameTooLarge => "frame_too_large",
             ClientErrorCode::UtteranceFailed => "utterance_failed",
-            ClientErrorCode::NoRegionAvailable => "no_region_available",
+            ClientErrorCode::Unavailable => "unavailable",
             ClientErrorCode::ServerBusy => "server_busy",
             ClientErrorCode::IdleTimeout => "idle_timeout",
             ClientErrorCode::ShuttingDown => "shutting_down",
@@ -172,6 +177,7 @@ impl ErrorMessage {
             message: message.into(),
             fatal,
             utterance: None,
+            retry_after: None,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod manifest;
 pub mod retry;
 pub mod signals;
+pub mod supervise;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;

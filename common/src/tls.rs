@@ -89,12 +89,53 @@ fn config_err(e: impl std::fmt::Display) -> TlsError {
 }
 
 /// Transport limits shared by both ends.
-fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
+/// How fast a QUIC peer that went silent (killed, unplugged) is noticed:
+/// both ends send a keep-alive every `keep_alive` when nothing else flows,
+/// and a connection that hears nothing for `idle_timeout` is closed (the
+/// smaller of the two ends' timeouts applies). A dial to a dead peer also
+/// gives up after `idle_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Liveness {
+    pub keep_alive_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for Liveness {
+    /// A dead peer is noticed within a second; a live one costs a
+    /// keep-alive packet every 250 ms of silence.
+    fn default() -> Self {
+        Liveness {
+            keep_alive_ms: 250,
+            idle_timeout_ms: 1_000,
+        }
+    }
+}
+
+impl Liveness {
+    /// The keep-alive must be well inside the idle timeout, or an idle but
+    /// live connection is dropped.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.keep_alive_ms == 0 || self.idle_timeout_ms < 2 * self.keep_alive_ms {
+            return Err(format!(
+                "liveness: keep_alive_ms ({}) must be positive and at most half of idle_timeout_ms ({})",
+                self.keep_alive_ms, self.idle_timeout_ms
+            ));
+        }
+        if self.idle_timeout_ms > 600_000 {
+            return Err("liveness: idle_timeout_ms must be at most 600000".into());
+        }
+        Ok(())
+    }
+}
+
+fn transport(max_streams: u32, liveness: Liveness) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(max_streams.into());
     t.max_concurrent_uni_streams(0u8.into());
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+    t.keep_alive_interval(Some(Duration::from_millis(liveness.keep_alive_ms)));
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_millis(liveness.idle_timeout_ms))
+    {
         t.max_idle_timeout(Some(idle));
     }
     Arc::new(t)
@@ -102,7 +143,11 @@ fn transport(max_streams: u32) -> Arc<quinn::TransportConfig> {
 
 /// Server side of a region's QUIC ingress: presents `paths.cert`, requires a
 /// client certificate chaining to `paths.ca`.
-pub fn server_config(paths: &TlsPaths, max_streams: u32) -> Result<quinn::ServerConfig, TlsError> {
+pub fn server_config(
+    paths: &TlsPaths,
+    max_streams: u32,
+    liveness: Liveness,
+) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&paths.ca)?), provider.clone())
@@ -117,13 +162,16 @@ pub fn server_config(paths: &TlsPaths, max_streams: u32) -> Result<quinn::Server
     crypto.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicServerConfig::try_from(crypto).map_err(config_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport(max_streams));
+    config.transport_config(transport(max_streams, liveness));
     Ok(config)
 }
 
 /// Client side of an edge's uplink: verifies regions against `paths.ca` and
 /// presents `paths.cert`.
-pub fn client_config(paths: &TlsPaths) -> Result<quinn::ClientConfig, TlsError> {
+pub fn client_config(
+    paths: &TlsPaths,
+    liveness: Liveness,
+) -> Result<quinn::ClientConfig, TlsError> {
     let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_err)?
@@ -133,6 +181,6 @@ pub fn client_config(paths: &TlsPaths) -> Result<quinn::ClientConfig, TlsError> 
     crypto.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(crypto).map_err(config_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport(1024));
+    config.transport_config(transport(1024, liveness));
     Ok(config)
 }

@@ -150,12 +150,15 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The region is at its in-flight limit.
     Overloaded,
+    /// The region's queue is past its threshold (queued and unacknowledged
+    /// entries): the edge tries the next permitted region.
+    Busy,
     /// A code this build does not know (from a newer peer).
     Unknown,
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 11] = [
+    const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidFrame,
         ErrorCode::ResidencyRefused,
         ErrorCode::QueueUnavailable,
@@ -166,6 +169,7 @@ impl ErrorCode {
         ErrorCode::InferenceFailed,
         ErrorCode::ShuttingDown,
         ErrorCode::Overloaded,
+        ErrorCode::Busy,
         ErrorCode::Unknown,
     ];
 
@@ -181,6 +185,7 @@ impl ErrorCode {
             ErrorCode::InferenceFailed => "inference_failed",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Busy => "busy",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -200,6 +205,7 @@ impl ErrorCode {
                 | ErrorCode::Timeout
                 | ErrorCode::ShuttingDown
                 | ErrorCode::Overloaded
+                | ErrorCode::Busy
         )
     }
 }

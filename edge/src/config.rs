@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use earshot_common::tls::TlsPaths;
+use earshot_common::tls::{Liveness, TlsPaths};
 use serde::Deserialize;
 
 use crate::endpoint::EndpointConfig;
@@ -27,6 +27,12 @@ pub struct EdgeConfig {
     pub vad: VadConfig,
     #[serde(default)]
     pub limits: Limits,
+    /// How soon a dead region is noticed (QUIC keep-alive, idle timeout).
+    #[serde(default)]
+    pub quic: Liveness,
+    /// How utterances are retried across the permitted regions.
+    #[serde(default)]
+    pub uplink: UplinkConfig,
     #[serde(default)]
     pub translation: TranslationConfig,
     /// Log transcript text (never set in production).
@@ -111,6 +117,30 @@ impl Default for Limits {
             connect_timeout_ms: 3_000,
             attempt_timeout_ms: 90_000,
             drain_timeout_ms: 15_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// How long an utterance keeps trying while no permitted region can
+    /// take it (all unreachable, busy or draining) before the client gets
+    /// `unavailable`. Covers a region's restart.
+    pub retry_budget_ms: u64,
+    /// Consecutive failures (transport, timeout, retryable answer) that
+    /// open a region's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker skips its region before one probe.
+    pub breaker_open_ms: u64,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            retry_budget_ms: 20_000,
+            breaker_failures: 2,
+            breaker_open_ms: 500,
         }
     }
 }
@@ -211,6 +241,17 @@ impl EdgeConfig {
                 "vad.max_utterance_ms {} must be at most 30000 (Whisper's window) and longer than min_speech_ms + pre_roll_ms",
                 v.max_utterance_ms
             ));
+        }
+        self.quic.validate().map_err(ConfigError::Invalid)?;
+        let u = &self.uplink;
+        if u.breaker_failures == 0 || u.breaker_open_ms == 0 || u.breaker_open_ms > 60_000 {
+            return bad(
+                "uplink.breaker_failures must be positive and uplink.breaker_open_ms in 1..=60000"
+                    .into(),
+            );
+        }
+        if u.retry_budget_ms > 600_000 {
+            return bad("uplink.retry_budget_ms must be at most 600000".into());
         }
         for target in &self.translation.targets {
             if !earshot_common::client::is_language_code(target) {

@@ -7,6 +7,7 @@
 //! VAD model) before any port is bound; [`Edge::serve`] runs on a listener
 //! until the shutdown token fires, then drains sessions.
 
+pub mod breaker;
 pub mod config;
 pub mod endpoint;
 pub mod metrics;
@@ -60,7 +61,7 @@ pub struct EdgeInner {
     /// Regions this edge's sessions may use, in order.
     pub regions: Vec<String>,
     pub config: EdgeConfig,
-    pub vad: Silero,
+    pub vad: Arc<Silero>,
     pub uplink: Arc<Uplink>,
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<Semaphore>,
@@ -93,7 +94,7 @@ impl Edge {
             .ok_or_else(|| StartError::UnknownEdge(config.name.clone()))?
             .clone();
         let permitted = topology.permitted_regions(&edge.name)?;
-        let client = earshot_common::tls::client_config(&config.tls)?;
+        let client = earshot_common::tls::client_config(&config.tls, config.quic)?;
         let metrics = Arc::new(Metrics::new());
         let region_names: Vec<String> = permitted.iter().map(|r| r.name.clone()).collect();
         metrics.init_series(&region_names);
@@ -101,8 +102,13 @@ impl Edge {
             config.uplink_bind,
             client,
             &permitted,
-            Duration::from_millis(config.limits.connect_timeout_ms),
-            Duration::from_millis(config.limits.attempt_timeout_ms),
+            uplink::Policy {
+                connect_timeout: Duration::from_millis(config.limits.connect_timeout_ms),
+                attempt_timeout: Duration::from_millis(config.limits.attempt_timeout_ms),
+                retry_budget: Duration::from_millis(config.uplink.retry_budget_ms),
+                breaker_failures: config.uplink.breaker_failures,
+                breaker_open: Duration::from_millis(config.uplink.breaker_open_ms),
+            },
             metrics.clone(),
         )
         .map_err(|source| StartError::Uplink {
@@ -121,7 +127,7 @@ impl Edge {
                 regions: region_names,
                 sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
                 config,
-                vad,
+                vad: Arc::new(vad),
                 uplink: Arc::new(uplink),
                 metrics,
                 shutdown,

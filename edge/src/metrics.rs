@@ -41,6 +41,10 @@ pub struct Metrics {
     pub utterances_abandoned: Counter,
     pub uplink_attempts: Family<RegionOutcome, Counter>,
     pub utterance_latency: Family<RegionLabel, Histogram, fn() -> Histogram>,
+    pub region_breaker: Family<RegionLabel, Gauge>,
+    pub breaker_opened: Family<RegionLabel, Counter>,
+    pub failovers: Family<RegionLabel, Counter>,
+    pub retry_rounds: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -61,6 +65,10 @@ impl Metrics {
             utterances_abandoned: Counter::default(),
             uplink_attempts: Family::default(),
             utterance_latency: Family::new_with_constructor(latency_histogram),
+            region_breaker: Family::default(),
+            breaker_opened: Family::default(),
+            failovers: Family::default(),
+            retry_rounds: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -91,7 +99,7 @@ impl Metrics {
         );
         registry.register(
             "uplink_attempts",
-            "Attempts to have a region transcribe an utterance, by region and outcome (ok, refused, retryable, transport, timeout, corrupted)",
+            "Attempts to have a region transcribe an utterance, by region and outcome (ok, refused, busy, retryable, transport, timeout, corrupted, skipped: breaker open)",
             m.uplink_attempts.clone(),
         );
         registry.register(
@@ -99,17 +107,39 @@ impl Metrics {
             "Time from the end of an utterance (VAD cut) to its final arriving at the edge",
             m.utterance_latency.clone(),
         );
+        registry.register(
+            "region_breaker",
+            "Circuit breaker state per region: 0 closed, 1 half-open, 2 open",
+            m.region_breaker.clone(),
+        );
+        registry.register(
+            "breaker_opened",
+            "Times a region's circuit breaker opened",
+            m.breaker_opened.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Utterances answered by a region other than the first permitted one, by the region that answered",
+            m.failovers.clone(),
+        );
+        registry.register(
+            "retry_rounds",
+            "Times an utterance found no permitted region able to take it and waited to try them again",
+            m.retry_rounds.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Outcomes of `uplink_attempts`.
-    pub const ATTEMPT_OUTCOMES: [&'static str; 6] = [
+    pub const ATTEMPT_OUTCOMES: [&'static str; 8] = [
         "ok",
         "refused",
+        "busy",
         "retryable",
         "transport",
         "timeout",
         "corrupted",
+        "skipped",
     ];
 
     /// Creates every series with a known label set at zero, so dashboards
@@ -136,9 +166,13 @@ impl Metrics {
                     outcome,
                 });
             }
-            let _ = self.utterance_latency.get_or_create(&RegionLabel {
+            let label = RegionLabel {
                 region: region.clone(),
-            });
+            };
+            let _ = self.utterance_latency.get_or_create(&label);
+            let _ = self.region_breaker.get_or_create(&label);
+            let _ = self.breaker_opened.get_or_create(&label);
+            let _ = self.failovers.get_or_create(&label);
         }
     }
 

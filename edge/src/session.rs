@@ -447,32 +447,33 @@ impl Session {
         self.audio.extend_from_slice(&s16);
         self.pending.extend_from_slice(&samples);
 
-        let mut offset = 0;
-        while self.pending.len() - offset >= WINDOW {
-            let window = &self.pending[offset..offset + WINDOW];
-            let prob = match self.edge.vad.probability(&mut self.vad, window) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(error = %e, "VAD failed");
-                    let _ = self
-                        .send_error(
-                            socket,
-                            ClientErrorCode::ProtocolError,
-                            "voice detection failed on this edge".into(),
-                            true,
-                        )
-                        .await;
-                    return Err(End::Close(close::INTERNAL, "vad failure"));
-                }
-            };
-            offset += WINDOW;
+        let whole = self.pending.len() / WINDOW * WINDOW;
+        if whole == 0 {
+            return Ok(());
+        }
+        let windows: Vec<f32> = self.pending.drain(..whole).collect();
+        let probabilities = match self.edge.vad.probabilities(&mut self.vad, windows).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "VAD failed");
+                let _ = self
+                    .send_error(
+                        socket,
+                        ClientErrorCode::ProtocolError,
+                        "voice detection failed on this edge".into(),
+                        true,
+                    )
+                    .await;
+                return Err(End::Close(close::INTERNAL, "vad failure"));
+            }
+        };
+        for prob in probabilities {
             let start = self.processed;
             self.processed += WINDOW as u64;
             if let Some(segment) = self.endpointer.push(prob, start, self.processed) {
                 self.dispatch(segment);
             }
         }
-        self.pending.drain(..offset);
         self.trim();
         Ok(())
     }
@@ -671,13 +672,18 @@ impl Session {
                         outcome: "error",
                     })
                     .inc();
-                let code = match e {
-                    UplinkError::Refused { .. } => ClientErrorCode::UtteranceFailed,
-                    _ => ClientErrorCode::NoRegionAvailable,
+                let (code, retry_after) = match &e {
+                    UplinkError::Refused { .. } => (ClientErrorCode::UtteranceFailed, None),
+                    UplinkError::Unavailable { retry_after, .. } => (
+                        ClientErrorCode::Unavailable,
+                        Some(retry_after.as_secs_f64().ceil() as u32),
+                    ),
+                    UplinkError::Encode(_) => (ClientErrorCode::UtteranceFailed, None),
                 };
                 tracing::warn!(utterance = outcome.number, error = %e, "utterance failed");
                 let mut msg = ErrorMessage::new(code, e.to_string(), false);
                 msg.utterance = Some(outcome.number);
+                msg.retry_after = retry_after;
                 metrics
                     .client_errors
                     .get_or_create(&CodeLabel {

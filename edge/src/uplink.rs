@@ -1,35 +1,88 @@
-//! The QUIC uplink: sends each utterance to the first permitted region that
-//! answers, one bidirectional stream per utterance.
+//! The QUIC uplink: sends each utterance to a permitted region, one
+//! bidirectional stream per utterance, until one answers it.
 //!
 //! Only regions the session's jurisdiction permits are ever dialled: the
 //! target list is computed from the topology's residency policy when the
-//! edge starts, and nothing else can be added to it. A region that cannot be
-//! reached, drops the stream, times out or answers a retryable error is
-//! skipped for the next one; a region that refuses the utterance
-//! (non-retryable error) ends the attempt. The region treats a repeated
-//! `(session, utterance)` as the same request.
+//! edge starts, and nothing else can be added to it.
+//!
+//! Each region has a circuit breaker ([`crate::breaker`]) fed by transport
+//! failures, timeouts and retryable answers (`busy`, `overloaded`,
+//! `shutting_down`, …): while it is open the region is skipped without
+//! dialling. Dialling happens once per region however many utterances
+//! wait for it (they share the attempt), and QUIC keep-alives with a short
+//! idle timeout notice a dead region within about a second. An utterance
+//! whose region fails is tried on the next permitted region; when every
+//! permitted region has failed or is open, it waits for the first breaker
+//! to let a probe through and tries again (the same region, reconnected),
+//! until `retry_budget` has passed: only then does it fail with
+//! [`UplinkError::Unavailable`]. A region that refuses the utterance
+//! (non-retryable error) ends the attempt.
+//!
+//! Every attempt of one utterance carries the same header, so the same
+//! idempotency key (edge, session, utterance): a region that sees it again
+//! answers from the first attempt's job instead of transcribing twice.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use earshot_common::retry::Backoff;
 use earshot_common::topology::Region;
 use earshot_common::wire::{self, ErrorCode, Final, Frame, Header};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 
-use crate::metrics::{Metrics, RegionOutcome};
+use crate::breaker::{Breaker, State};
+use crate::metrics::{Metrics, RegionLabel, RegionOutcome};
 
 /// Most bytes a region's answer may take before it is treated as broken.
 const MAX_ANSWER: usize = wire::MAX_FRAME_LEN + 4;
 
-#[derive(Debug)]
+/// Failed attempts kept for the error message of one utterance.
+const MAX_ATTEMPTS_KEPT: usize = 8;
+
+type Dial = Shared<BoxFuture<'static, Result<quinn::Connection, String>>>;
+
+/// A region's connection, or the dial every waiting utterance shares.
+enum Slot {
+    Idle,
+    Dialling { generation: u64, dial: Dial },
+    Connected(quinn::Connection),
+}
+
 struct Target {
     name: String,
     quic: String,
     tls_name: String,
-    /// The live connection, if any. Held while connecting, so concurrent
-    /// utterances share one connection attempt (and one connection).
-    connection: tokio::sync::Mutex<Option<quinn::Connection>>,
+    slot: Mutex<Slot>,
+    generation: std::sync::atomic::AtomicU64,
+    breaker: Mutex<Breaker>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("quic", &self.quic)
+            .finish()
+    }
+}
+
+/// How the uplink tries regions.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Time to establish a QUIC connection to a region.
+    pub connect_timeout: Duration,
+    /// Time one region has to answer one utterance it was sent.
+    pub attempt_timeout: Duration,
+    /// How long an utterance keeps trying while no permitted region can
+    /// take it.
+    pub retry_budget: Duration,
+    /// Consecutive failures that open a region's breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker skips its region before a probe.
+    pub breaker_open: Duration,
 }
 
 /// A failure of one attempt, as reported to the client.
@@ -47,13 +100,20 @@ pub enum UplinkError {
         code: ErrorCode,
         message: String,
     },
-    #[error("no permitted region could transcribe the utterance: {}", describe(.0))]
-    Exhausted(Vec<Attempt>),
+    #[error("no permitted region could take the utterance: {}", describe(.attempts))]
+    Unavailable {
+        attempts: Vec<Attempt>,
+        /// When trying again may succeed.
+        retry_after: Duration,
+    },
     #[error("cannot encode the utterance: {0}")]
     Encode(#[from] wire::FrameError),
 }
 
 fn describe(attempts: &[Attempt]) -> String {
+    if attempts.is_empty() {
+        return "every permitted region's circuit breaker is open".into();
+    }
     attempts
         .iter()
         .map(|a| format!("{}: {}", a.region, a.problem))
@@ -66,12 +126,8 @@ fn describe(attempts: &[Attempt]) -> String {
 pub struct Answer {
     pub region: String,
     pub fin: Final,
-}
-
-impl Target {
-    async fn forget(&self) {
-        *self.connection.lock().await = None;
-    }
+    /// Attempts that failed before this one (0: the first region answered).
+    pub failed_attempts: usize,
 }
 
 enum AttemptError {
@@ -82,8 +138,7 @@ enum AttemptError {
 pub struct Uplink {
     endpoint: quinn::Endpoint,
     targets: Vec<Target>,
-    connect_timeout: Duration,
-    attempt_timeout: Duration,
+    policy: Policy,
     metrics: Arc<Metrics>,
 }
 
@@ -102,8 +157,7 @@ impl Uplink {
         bind: SocketAddr,
         client: quinn::ClientConfig,
         regions: &[&Region],
-        connect_timeout: Duration,
-        attempt_timeout: Duration,
+        policy: Policy,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let mut endpoint = quinn::Endpoint::client(bind)?;
@@ -116,16 +170,18 @@ impl Uplink {
                     name: r.name.clone(),
                     quic: r.quic.clone(),
                     tls_name: r.tls_name.clone(),
-                    connection: tokio::sync::Mutex::new(None),
+                    slot: Mutex::new(Slot::Idle),
+                    generation: std::sync::atomic::AtomicU64::new(0),
+                    breaker: Mutex::new(Breaker::new(policy.breaker_failures, policy.breaker_open)),
                 })
                 .collect(),
-            connect_timeout,
-            attempt_timeout,
+            policy,
             metrics,
         })
     }
 
-    /// Transcribes one utterance in the first permitted region that can.
+    /// Transcribes one utterance in a permitted region: the first one that
+    /// can, retrying (bounded by the retry budget) while none can.
     pub async fn transcribe(
         &self,
         header: &Header,
@@ -133,52 +189,166 @@ impl Uplink {
         audio_sha256: [u8; 32],
     ) -> Result<Answer, UplinkError> {
         let request = wire::encode_utterance(header, audio, audio_sha256)?.freeze();
-        let mut failures = Vec::new();
-        for target in &self.targets {
-            let outcome =
-                tokio::time::timeout(self.attempt_timeout, self.attempt(target, &request)).await;
-            let (label, problem) = match outcome {
-                Ok(Ok(fin))
-                    if fin.audio_sha256 == audio_sha256 && fin.utterance == header.utterance =>
-                {
-                    self.count(target, "ok");
-                    return Ok(Answer {
-                        region: target.name.clone(),
-                        fin,
-                    });
+        let deadline = Instant::now() + self.policy.retry_budget;
+        let mut failures: Vec<Attempt> = Vec::new();
+        let mut failed_attempts = 0;
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            let mut next_probe: Option<Instant> = None;
+            for (index, target) in self.targets.iter().enumerate() {
+                if !self.allow(target, &mut next_probe) {
+                    self.count(target, "skipped");
+                    continue;
                 }
-                Ok(Ok(_)) => (
-                    "corrupted",
-                    "answer does not match the utterance sent (audio hash or id)".to_owned(),
-                ),
-                Ok(Err(AttemptError::Answered(e))) if !e.code.is_retryable() => {
-                    self.count(target, "refused");
-                    return Err(UplinkError::Refused {
-                        region: target.name.clone(),
-                        code: e.code,
-                        message: e.message,
-                    });
+                let outcome = tokio::time::timeout(
+                    self.policy.attempt_timeout,
+                    self.attempt(target, &request),
+                )
+                .await;
+                let (label, problem) = match outcome {
+                    Ok(Ok(fin))
+                        if fin.audio_sha256 == audio_sha256
+                            && fin.utterance == header.utterance =>
+                    {
+                        self.succeeded(target);
+                        self.count(target, "ok");
+                        if index > 0 {
+                            self.metrics
+                                .failovers
+                                .get_or_create(&RegionLabel {
+                                    region: target.name.clone(),
+                                })
+                                .inc();
+                        }
+                        return Ok(Answer {
+                            region: target.name.clone(),
+                            fin,
+                            failed_attempts,
+                        });
+                    }
+                    Ok(Ok(_)) => (
+                        "corrupted",
+                        "answer does not match the utterance sent (audio hash or id)".to_owned(),
+                    ),
+                    Ok(Err(AttemptError::Answered(e))) if !e.code.is_retryable() => {
+                        // The region is alive and decided: no other region
+                        // would decide differently.
+                        self.succeeded(target);
+                        self.count(target, "refused");
+                        return Err(UplinkError::Refused {
+                            region: target.name.clone(),
+                            code: e.code,
+                            message: e.message,
+                        });
+                    }
+                    Ok(Err(AttemptError::Answered(e))) => (
+                        if e.code == ErrorCode::Busy {
+                            "busy"
+                        } else {
+                            "retryable"
+                        },
+                        format!("{}: {}", e.code, e.message),
+                    ),
+                    Ok(Err(AttemptError::Transport(e))) => {
+                        self.forget(target);
+                        ("transport", e)
+                    }
+                    Err(_) => (
+                        "timeout",
+                        format!("no answer within {:?}", self.policy.attempt_timeout),
+                    ),
+                };
+                self.failed(target);
+                self.count(target, label);
+                failed_attempts += 1;
+                tracing::warn!(region = %target.name, outcome = label, %problem, "region attempt failed");
+                if failures.len() == MAX_ATTEMPTS_KEPT {
+                    failures.remove(0);
                 }
-                Ok(Err(AttemptError::Answered(e))) => {
-                    ("retryable", format!("{}: {}", e.code, e.message))
-                }
-                Ok(Err(AttemptError::Transport(e))) => {
-                    target.forget().await;
-                    ("transport", e)
-                }
-                Err(_) => (
-                    "timeout",
-                    format!("no answer within {:?}", self.attempt_timeout),
-                ),
-            };
-            self.count(target, label);
-            tracing::warn!(region = %target.name, outcome = label, %problem, "region attempt failed");
-            failures.push(Attempt {
-                region: target.name.clone(),
-                problem,
-            });
+                failures.push(Attempt {
+                    region: target.name.clone(),
+                    problem,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let retry_after = next_probe
+                    .map_or(self.policy.breaker_open, |t| {
+                        t.saturating_duration_since(now)
+                    })
+                    .max(Duration::from_secs(1));
+                return Err(UplinkError::Unavailable {
+                    attempts: failures,
+                    retry_after,
+                });
+            }
+            // No permitted region took it: wait for the first breaker to let
+            // a probe through (or back off), within the budget.
+            self.metrics.retry_rounds.inc();
+            let wait = next_probe
+                .map_or_else(
+                    || backoff.next_delay(),
+                    |t| t.saturating_duration_since(now),
+                )
+                .clamp(Duration::from_millis(10), deadline - now);
+            tokio::time::sleep(wait).await;
         }
-        Err(UplinkError::Exhausted(failures))
+    }
+
+    fn breaker<T>(&self, target: &Target, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let mut breaker = target
+            .breaker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let out = f(&mut breaker);
+        self.metrics
+            .region_breaker
+            .get_or_create(&RegionLabel {
+                region: target.name.clone(),
+            })
+            .set(breaker.state(Instant::now()).gauge());
+        out
+    }
+
+    /// Whether `target` may be tried now; if not, notes when it may.
+    fn allow(&self, target: &Target, next_probe: &mut Option<Instant>) -> bool {
+        let now = Instant::now();
+        self.breaker(target, |b| {
+            if b.allow(now) {
+                return true;
+            }
+            if let Some(at) = b.retry_at(now) {
+                *next_probe = Some(next_probe.map_or(at, |n| n.min(at)));
+            }
+            false
+        })
+    }
+
+    fn succeeded(&self, target: &Target) {
+        self.breaker(target, Breaker::success);
+    }
+
+    fn failed(&self, target: &Target) {
+        let opened = self.breaker(target, |b| b.failure(Instant::now()));
+        if opened {
+            tracing::warn!(region = %target.name, open_for = ?self.policy.breaker_open, "circuit breaker opened");
+            self.metrics
+                .breaker_opened
+                .get_or_create(&RegionLabel {
+                    region: target.name.clone(),
+                })
+                .inc();
+        }
+    }
+
+    /// The state of `region`'s breaker now.
+    pub fn breaker_state(&self, region: &str) -> Option<State> {
+        let target = self.targets.iter().find(|t| t.name == region)?;
+        let breaker = target
+            .breaker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Some(breaker.state(Instant::now()))
     }
 
     fn count(&self, target: &Target, outcome: &'static str) {
@@ -230,29 +400,72 @@ impl Uplink {
         }
     }
 
+    /// The region's live connection, dialling if there is none. Utterances
+    /// that need it while a dial is under way share that dial.
     async fn connection(&self, target: &Target) -> Result<quinn::Connection, AttemptError> {
-        let mut slot = target.connection.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
-            return Ok(c.clone());
+        let (generation, dial) = {
+            let mut slot = target.slot.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*slot {
+                Slot::Connected(c) if c.close_reason().is_none() => return Ok(c.clone()),
+                Slot::Dialling { generation, dial } => (*generation, dial.clone()),
+                _ => {
+                    let generation = target
+                        .generation
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let dial = self.dial(target).boxed().shared();
+                    *slot = Slot::Dialling {
+                        generation,
+                        dial: dial.clone(),
+                    };
+                    (generation, dial)
+                }
+            }
+        };
+        let result = dial.await;
+        let mut slot = target.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(&*slot, Slot::Dialling { generation: g, .. } if *g == generation) {
+            *slot = match &result {
+                Ok(c) => Slot::Connected(c.clone()),
+                Err(_) => Slot::Idle,
+            };
         }
-        let transport =
-            |e: String| AttemptError::Transport(format!("connect to {}: {e}", target.quic));
-        let addr = tokio::net::lookup_host(&target.quic)
-            .await
-            .map_err(|e| transport(e.to_string()))?
-            .next()
-            .ok_or_else(|| transport("no address".into()))?;
-        let connecting = self
-            .endpoint
-            .connect(addr, &target.tls_name)
-            .map_err(|e| transport(e.to_string()))?;
-        let connection = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| transport(format!("timed out after {:?}", self.connect_timeout)))?
-            .map_err(|e| transport(e.to_string()))?;
-        tracing::info!(region = %target.name, %addr, "connected to region");
-        *slot = Some(connection.clone());
-        Ok(connection)
+        result.map_err(AttemptError::Transport)
+    }
+
+    fn dial(
+        &self,
+        target: &Target,
+    ) -> impl std::future::Future<Output = Result<quinn::Connection, String>> + Send + 'static {
+        let endpoint = self.endpoint.clone();
+        let quic = target.quic.clone();
+        let tls_name = target.tls_name.clone();
+        let name = target.name.clone();
+        let timeout = self.policy.connect_timeout;
+        async move {
+            let fail = |e: String| format!("connect to {quic}: {e}");
+            let addr = tokio::net::lookup_host(&quic)
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .next()
+                .ok_or_else(|| fail("no address".into()))?;
+            let connecting = endpoint
+                .connect(addr, &tls_name)
+                .map_err(|e| fail(e.to_string()))?;
+            let connection = tokio::time::timeout(timeout, connecting)
+                .await
+                .map_err(|_| fail(format!("timed out after {timeout:?}")))?
+                .map_err(|e| fail(e.to_string()))?;
+            tracing::info!(region = %name, %addr, "connected to region");
+            Ok(connection)
+        }
+    }
+
+    /// Drops a connection that failed, so the next attempt dials again.
+    fn forget(&self, target: &Target) {
+        let mut slot = target.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(&*slot, Slot::Connected(_)) {
+            *slot = Slot::Idle;
+        }
     }
 
     /// Closes every connection and waits (bounded) for the peers to learn.

@@ -8,7 +8,7 @@
 //! since one can serve any stream.
 
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
@@ -50,9 +50,12 @@ impl Default for VadStream {
     }
 }
 
-/// A pool of ONNX Runtime sessions of the Silero model.
+/// A pool of ONNX Runtime sessions of the Silero model. Inference runs on
+/// blocking threads, at most one call per session at a time
+/// ([`Silero::probabilities`]), never on the async executor.
 pub struct Silero {
     sessions: Vec<Mutex<Session>>,
+    permits: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Silero {
@@ -119,7 +122,37 @@ impl Silero {
             }
             sessions.push(Mutex::new(session));
         }
-        Ok(Silero { sessions })
+        let permits = tokio::sync::Semaphore::new(sessions.len());
+        Ok(Silero { sessions, permits })
+    }
+
+    /// The speech probability of each [`WINDOW`] of `samples` (whose length
+    /// must be a multiple of it), advancing `stream`. Runs on a blocking
+    /// thread, waiting for a free session first: a slow model delays only
+    /// the sessions waiting for it, never sockets or timers.
+    pub async fn probabilities(
+        self: &Arc<Self>,
+        stream: &mut VadStream,
+        samples: Vec<f32>,
+    ) -> Result<Vec<f32>, VadError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| VadError::Inference(e.to_string()))?;
+        let silero = self.clone();
+        let mut state = std::mem::take(stream);
+        let (state, result) = tokio::task::spawn_blocking(move || {
+            let result = samples
+                .chunks(WINDOW)
+                .map(|w| silero.probability(&mut state, w))
+                .collect::<Result<Vec<f32>, VadError>>();
+            (state, result)
+        })
+        .await
+        .map_err(|e| VadError::Inference(format!("VAD task failed: {e}")))?;
+        *stream = state;
+        result
     }
 
     /// The speech probability of one window of exactly [`WINDOW`] samples;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use earshot_asr::EncoderWindow;
-use earshot_common::tls::TlsPaths;
+use earshot_common::tls::{Liveness, TlsPaths};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -27,6 +27,10 @@ pub struct RegionalConfig {
     pub worker: WorkerConfig,
     #[serde(default)]
     pub limits: Limits,
+    /// How soon a dead edge connection is noticed (QUIC keep-alive, idle
+    /// timeout).
+    #[serde(default)]
+    pub quic: Liveness,
     #[serde(default)]
     pub translation: TranslationConfig,
     /// Log transcript text (never set in production).
@@ -39,9 +43,16 @@ pub struct RegionalConfig {
 pub struct RedisConfig {
     /// e.g. `redis://127.0.0.1:6379/0`
     pub url: String,
-    /// Approximate cap on the utterance stream's length (`XADD MAXLEN ~`).
-    #[serde(default = "d_stream_max_len")]
-    pub stream_max_len: usize,
+    /// Entries queued or in progress in the utterance stream past which the
+    /// ingress answers `busy` (the edge tries the next permitted region).
+    /// Entries are deleted when answered; none is ever trimmed.
+    #[serde(default = "d_queue_limit")]
+    pub queue_limit: usize,
+    /// How long an utterance's record and answer are kept, so a retry of
+    /// it (same edge, session, utterance) is answered without transcribing
+    /// again.
+    #[serde(default = "d_result_ttl")]
+    pub result_ttl_s: u64,
     /// Per-command timeout for the ingress's Redis calls.
     #[serde(default = "d_redis_timeout")]
     pub timeout_ms: u64,
@@ -75,6 +86,16 @@ pub struct WorkerConfig {
     /// consumer with XAUTOCLAIM.
     #[serde(default = "d_claim_idle")]
     pub claim_idle_ms: u64,
+    /// Deliveries after which an entry still unanswered (its worker died or
+    /// the model failed on it each time) moves to the dead-letter stream,
+    /// its utterance answered with an error.
+    #[serde(default = "d_max_deliveries")]
+    pub max_deliveries: usize,
+    /// This process's workers' consumer names are `<name>-<index>`; a
+    /// restarted process under the same name takes back what its workers
+    /// had in hand at once. Must be unique among live processes of the
+    /// region. Default: `$HOSTNAME` (a pod's name), else `regional`.
+    pub name: Option<String>,
 }
 
 /// Text translation (Marian MT) for `translate=<lang>` other than English.
@@ -88,6 +109,14 @@ pub struct TranslationConfig {
 }
 
 impl WorkerConfig {
+    /// The prefix of this process's consumer names.
+    pub fn consumer_prefix(&self) -> String {
+        self.name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "regional".into())
+    }
+
     /// `max_batch`, or its default for where inference runs.
     pub fn max_batch(&self) -> usize {
         self.max_batch.unwrap_or_else(|| {
@@ -133,8 +162,14 @@ impl Default for Limits {
 fn default_http() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 9090))
 }
-fn d_stream_max_len() -> usize {
-    100_000
+fn d_queue_limit() -> usize {
+    10_000
+}
+fn d_result_ttl() -> u64 {
+    600
+}
+fn d_max_deliveries() -> usize {
+    3
 }
 fn d_redis_timeout() -> u64 {
     2_000
@@ -213,6 +248,22 @@ impl RegionalConfig {
         if self.worker.claim_idle_ms < 1_000 {
             return bad("worker.claim_idle_ms must be at least 1000");
         }
+        if !(1..=100).contains(&self.worker.max_deliveries) {
+            return bad("worker.max_deliveries must be between 1 and 100");
+        }
+        if self.redis.queue_limit == 0 || self.redis.result_ttl_s == 0 {
+            return bad("redis.queue_limit and redis.result_ttl_s must be positive");
+        }
+        if let Some(name) = &self.worker.name
+            && (name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'))
+        {
+            return bad("worker.name must be 1-64 characters of letters, digits, '-', '_' or '.'");
+        }
+        self.quic.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -6,8 +6,10 @@
 //! hang: a malformed stream (`invalid_frame`), a jurisdiction this region
 //! may not process (`residency_refused`, counted), audio that does not match
 //! its hash (`audio_corrupted`), Redis down (`queue_unavailable`), no result
-//! in time (`timeout`), too much in flight (`overloaded`), or draining
-//! (`shutting_down`).
+//! in time (`timeout`), too much in flight (`overloaded`), too much queued
+//! (`busy`), or draining (`shutting_down`). An utterance seen before (the
+//! edge retried it) is answered from its first attempt, never transcribed
+//! twice: see [`crate::queue`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,15 +19,19 @@ use earshot_common::topology::Topology;
 use earshot_common::wire::{self, Assembler, ErrorCode, Frame, Utterance, WireError};
 use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::{JurisdictionLabel, Metrics, OutcomeLabel};
-use crate::queue::{self, Job, ResultRouter};
+use crate::queue::{self, Admission, Job, ResultRouter};
 
 /// Time an edge has to send a whole utterance on its stream.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often a waiting utterance reads its record, besides listening on
+/// the result channel.
+const RESULT_POLL: Duration = Duration::from_secs(1);
 
 pub struct Ingress {
     pub region: String,
@@ -34,7 +40,10 @@ pub struct Ingress {
     pub router: Arc<ResultRouter>,
     pub redis: ConnectionManager,
     pub stream: String,
-    pub stream_max_len: usize,
+    /// Entries queued or in progress past which utterances are `busy`.
+    pub queue_limit: usize,
+    /// How long an utterance's record (and answer) is kept for retries.
+    pub result_ttl: Duration,
     pub redis_timeout: Duration,
     pub max_audio_bytes: usize,
     pub result_timeout: Duration,
@@ -268,7 +277,7 @@ impl Ingress {
     }
 
     async fn enqueue_and_wait(&self, utterance: Utterance) -> Result<Frame, Refusal> {
-        let request = *uuid::Uuid::new_v4().as_bytes();
+        let request = queue::request_id(&utterance.header);
         let job = Job {
             request,
             reply: self.router.channel().to_owned(),
@@ -277,16 +286,26 @@ impl Ingress {
             audio_sha256: utterance.audio_sha256,
             enqueued_us: queue::unix_us(),
         };
-        let waiting = self.router.register(request);
+        let mut waiting = self.router.register(request);
         let started = Instant::now();
         let mut conn = self.redis.clone();
-        let added = tokio::time::timeout(
+        let admitted = tokio::time::timeout(
             self.redis_timeout,
-            queue::enqueue(&mut conn, &self.stream, self.stream_max_len, &job),
+            queue::admit(
+                &mut conn,
+                &self.region,
+                &self.stream,
+                self.queue_limit,
+                self.result_ttl,
+                &job,
+            ),
         )
         .await;
-        let unavailable = |why: String| {
+        let give_up = |waiting: oneshot::Receiver<Bytes>| {
+            drop(waiting);
             self.router.forget(&request);
+        };
+        let unavailable = |why: String| {
             tracing::warn!(%why, "cannot queue utterance");
             Err((
                 ErrorCode::QueueUnavailable,
@@ -294,35 +313,94 @@ impl Ingress {
                 "queue_unavailable",
             ))
         };
-        match added {
-            Ok(Ok(id)) => tracing::debug!(entry = %id, "queued"),
-            Ok(Err(e)) => return unavailable(e.to_string()),
-            Err(_) => return unavailable(format!("no reply within {:?}", self.redis_timeout)),
+        let dedup = |state: &'static str| {
+            self.metrics
+                .deduplicated
+                .get_or_create(&crate::metrics::StateLabel { state })
+                .inc();
+        };
+        match admitted {
+            Ok(Ok(Admission::Added(id))) => tracing::debug!(entry = %id, "queued"),
+            Ok(Ok(Admission::Queued)) => {
+                dedup("queued");
+                tracing::info!("retry of a queued utterance; waiting for its job");
+            }
+            Ok(Ok(Admission::Answered(frame))) => {
+                give_up(waiting);
+                dedup("answered");
+                tracing::info!("retry of an answered utterance; answering from its record");
+                return answer_from(&frame);
+            }
+            Ok(Ok(Admission::Busy)) => {
+                give_up(waiting);
+                return Err((
+                    ErrorCode::Busy,
+                    format!(
+                        "region {} has {} utterances queued or in progress",
+                        self.region, self.queue_limit
+                    ),
+                    "busy",
+                ));
+            }
+            Ok(Err(e)) => {
+                give_up(waiting);
+                return unavailable(e.to_string());
+            }
+            Err(_) => {
+                give_up(waiting);
+                return unavailable(format!("no reply within {:?}", self.redis_timeout));
+            }
         }
-        let answer = tokio::time::timeout(self.result_timeout, waiting).await;
+        // The result comes on the channel; the record is read now and then
+        // too, for a result published while this ingress was not subscribed.
+        let deadline = tokio::time::Instant::now() + self.result_timeout;
+        let bytes = loop {
+            let poll = tokio::time::sleep(RESULT_POLL);
+            tokio::select! {
+                got = &mut waiting => match got {
+                    Ok(bytes) => break Some(bytes.to_vec()),
+                    Err(_) => break None,
+                },
+                _ = tokio::time::sleep_until(deadline) => break None,
+                _ = poll => {
+                    let mut conn = self.redis.clone();
+                    let read = tokio::time::timeout(
+                        self.redis_timeout,
+                        queue::stored_result(&mut conn, &self.region, &job.header),
+                    )
+                    .await;
+                    if let Ok(Ok(Some(frame))) = read {
+                        self.metrics.results_polled.inc();
+                        break Some(frame);
+                    }
+                }
+            }
+        };
+        give_up(waiting);
         self.metrics
             .result_wait
             .observe(started.elapsed().as_secs_f64());
-        let bytes: Bytes = match answer {
-            Ok(Ok(bytes)) => bytes,
-            _ => {
-                self.router.forget(&request);
-                return Err((
-                    ErrorCode::Timeout,
-                    format!("no worker answered within {:?}", self.result_timeout),
-                    "timeout",
-                ));
-            }
-        };
-        match wire::decode(&mut BytesMut::from(&bytes[..])) {
-            Ok(Some(frame @ Frame::Final(_))) => Ok(frame),
-            Ok(Some(Frame::Error(e))) => Err((e.code, e.message, "error")),
-            _ => Err((
-                ErrorCode::InferenceFailed,
-                "worker sent a malformed result".into(),
-                "error",
+        match bytes {
+            Some(frame) => answer_from(&frame),
+            None => Err((
+                ErrorCode::Timeout,
+                format!("no worker answered within {:?}", self.result_timeout),
+                "timeout",
             )),
         }
+    }
+}
+
+/// The frame a worker stored or published, checked.
+fn answer_from(bytes: &[u8]) -> Result<Frame, Refusal> {
+    match wire::decode(&mut BytesMut::from(bytes)) {
+        Ok(Some(frame @ Frame::Final(_))) => Ok(frame),
+        Ok(Some(Frame::Error(e))) => Err((e.code, e.message, "error")),
+        _ => Err((
+            ErrorCode::InferenceFailed,
+            "worker sent a malformed result".into(),
+            "error",
+        )),
     }
 }
 

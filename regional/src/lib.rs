@@ -22,6 +22,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use earshot_common::supervise::Supervisor;
 use earshot_common::topology::Topology;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::net::TcpListener;
@@ -53,6 +54,8 @@ pub enum StartError {
     Model(#[from] earshot_asr::AsrError),
     #[error("cannot open the QUIC socket: {0}")]
     Quic(std::io::Error),
+    #[error("{0}")]
+    PartDied(String),
 }
 
 pub struct Regional {
@@ -96,6 +99,7 @@ impl Regional {
         let server = earshot_common::tls::server_config(
             &config.tls,
             config.limits.max_streams_per_connection,
+            config.quic,
         )?;
         let client = redis::Client::open(config.redis.url.as_str())
             .map_err(|e| StartError::Redis(e.to_string()))?;
@@ -122,8 +126,11 @@ impl Regional {
             _ => model::Translators::default(),
         });
         let ingress_id = uuid::Uuid::new_v4().simple().to_string();
-        let router = ResultRouter::new(queue::results_channel(&config.region, &ingress_id));
         let metrics = Arc::new(Metrics::new());
+        let router = ResultRouter::new(
+            queue::results_channel(&config.region, &ingress_id),
+            metrics.results_unrouted.clone(),
+        );
         let jurisdictions: Vec<String> = topology
             .jurisdictions()
             .iter()
@@ -182,30 +189,46 @@ impl Regional {
             "regional node listening"
         );
 
-        let subscriber = tokio::spawn(
+        // Drain order on shutdown: the ingress stops taking utterances
+        // (readiness false, new streams answered `shutting_down` so edges
+        // go elsewhere) and waits for those in flight to be answered —
+        // workers and the result subscriber still running — then the
+        // workers stop (each finishing its batch; what is left stays
+        // pending for another worker), then the subscriber, then HTTP.
+        let supervisor = Supervisor::new(self.shutdown.clone());
+        let stop_workers = CancellationToken::new();
+        let stop_subscriber = CancellationToken::new();
+        let stop_http = CancellationToken::new();
+        let subscriber = supervisor.spawn(
+            "result-subscriber",
             self.router
                 .clone()
-                .run(self.client.clone(), self.shutdown.clone()),
+                .run(self.client.clone(), stop_subscriber.clone()),
         );
 
         let stream = queue::stream_key(&region);
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "regional".into());
+        let prefix = self.config.worker.consumer_prefix();
         let mut workers = Vec::new();
         for (i, model) in self.models.into_iter().enumerate() {
             let ctx = worker::WorkerContext {
                 region: region.clone(),
                 stream: stream.clone(),
-                consumer: format!("{host}-{}-{i}", std::process::id()),
+                consumer: format!("{prefix}-{i}"),
                 topology: self.topology.clone(),
                 metrics: self.metrics.clone(),
                 claim_idle: Duration::from_millis(self.config.worker.claim_idle_ms),
+                max_deliveries: self.config.worker.max_deliveries,
+                result_ttl: Duration::from_secs(self.config.redis.result_ttl_s),
                 max_batch: self.config.worker.max_batch(),
                 batch_window: Duration::from_millis(self.config.worker.batch_window_ms),
                 translators: self.translators.clone(),
                 client: self.client.clone(),
                 publisher: self.redis.clone(),
             };
-            workers.push(tokio::spawn(worker::run(ctx, model, self.shutdown.clone())));
+            workers.push(supervisor.spawn(
+                format!("worker-{i}"),
+                worker::run(ctx, model, stop_workers.clone()),
+            ));
         }
 
         let limits = &self.config.limits;
@@ -216,7 +239,8 @@ impl Regional {
             router: self.router.clone(),
             redis: self.redis.clone(),
             stream,
-            stream_max_len: self.config.redis.stream_max_len,
+            queue_limit: self.config.redis.queue_limit,
+            result_ttl: Duration::from_secs(self.config.redis.result_ttl_s),
             redis_timeout: Duration::from_millis(self.config.redis.timeout_ms),
             max_audio_bytes: self.config.max_audio_bytes(),
             result_timeout: Duration::from_millis(limits.result_timeout_ms),
@@ -225,7 +249,10 @@ impl Regional {
             shutdown: self.shutdown.clone(),
         });
         let drain = Duration::from_millis(limits.drain_timeout_ms);
-        let quic_task = tokio::spawn(ingress.serve(endpoint, limits.max_connections, drain));
+        let ingress_task = supervisor.spawn(
+            "quic-ingress",
+            ingress.serve(endpoint, limits.max_connections, drain),
+        );
 
         let state = HttpState {
             metrics: self.metrics.clone(),
@@ -238,20 +265,30 @@ impl Regional {
             .route("/readyz", get(ready))
             .route("/metrics", get(metrics_text))
             .with_state(state);
-        let shutdown = self.shutdown.clone();
-        let http_task = tokio::spawn(async move {
-            axum::serve(http, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await
+        let http_stop = stop_http.clone();
+        let http_task = supervisor.spawn("http", async move {
+            let served = axum::serve(http, app)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
         });
 
         self.shutdown.cancelled().await;
-        let _ = quic_task.await;
+        tracing::info!(%region, "draining");
+        let _ = ingress_task.await;
+        stop_workers.cancel();
         for w in workers {
             let _ = w.await;
         }
+        stop_subscriber.cancel();
         let _ = subscriber.await;
+        stop_http.cancel();
         let _ = http_task.await;
+        if let Some(why) = supervisor.failure() {
+            return Err(StartError::PartDied(why));
+        }
         tracing::info!(%region, "regional node stopped");
         Ok(())
     }

@@ -14,6 +14,11 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -55,6 +60,10 @@ pub struct Metrics {
     pub result_wait: Histogram,
     pub model_reloads: Family<OutcomeLabel, Counter>,
     pub text_withheld: Family<ReasonLabel, Counter>,
+    pub deduplicated: Family<StateLabel, Counter>,
+    pub results_polled: Counter,
+    pub dead_letters: Counter,
+    pub results_unrouted: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -80,6 +89,10 @@ impl Metrics {
             result_wait: seconds_histogram(),
             model_reloads: Family::default(),
             text_withheld: Family::default(),
+            deduplicated: Family::default(),
+            results_polled: Counter::default(),
+            dead_letters: Counter::default(),
+            results_unrouted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -94,7 +107,7 @@ impl Metrics {
         );
         registry.register(
             "utterances",
-            "Utterance streams handled by the ingress, by outcome (final, refused, invalid, queue_unavailable, timeout, overloaded, shutting_down, error)",
+            "Utterance streams handled by the ingress, by outcome (final, refused, invalid, queue_unavailable, timeout, overloaded, busy, shutting_down, error)",
             m.utterances.clone(),
         );
         registry.register(
@@ -104,7 +117,7 @@ impl Metrics {
         );
         registry.register(
             "jobs",
-            "Queue entries processed by workers, by outcome (final, refused, failed, malformed)",
+            "Queue entries processed by workers, by outcome (final, refused, failed, malformed, dead_letter)",
             m.jobs.clone(),
         );
         registry.register(
@@ -142,22 +155,44 @@ impl Metrics {
             "Finals sent with empty text because a hallucination guard fired, by reason",
             m.text_withheld.clone(),
         );
+        registry.register(
+            "deduplicated",
+            "Retried utterances answered from their first attempt instead of transcribed again, by the state the first attempt was in (queued, answered)",
+            m.deduplicated.clone(),
+        );
+        registry.register(
+            "results_polled",
+            "Results the ingress found in the utterance record rather than on its channel (published while it was not subscribed)",
+            m.results_polled.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Queue entries moved to the dead-letter stream after too many deliveries; each utterance answered with an error",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "results_unrouted",
+            "Results that reached this ingress for no waiting stream (the edge went away or retried elsewhere); dropped",
+            m.results_unrouted.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Outcomes of the ingress's `utterances`.
-    pub const UTTERANCE_OUTCOMES: [&'static str; 8] = [
+    pub const UTTERANCE_OUTCOMES: [&'static str; 9] = [
         "final",
         "refused",
         "invalid",
         "queue_unavailable",
         "timeout",
         "overloaded",
+        "busy",
         "shutting_down",
         "error",
     ];
     /// Outcomes of the workers' `jobs`.
-    pub const JOB_OUTCOMES: [&'static str; 4] = ["final", "refused", "failed", "malformed"];
+    pub const JOB_OUTCOMES: [&'static str; 5] =
+        ["final", "refused", "failed", "malformed", "dead_letter"];
 
     /// Creates every series with a known label set at zero, so dashboards
     /// and alerts see them before the first event.
@@ -167,6 +202,9 @@ impl Metrics {
         }
         for outcome in Self::JOB_OUTCOMES {
             let _ = self.jobs.get_or_create(&OutcomeLabel { outcome });
+        }
+        for state in ["queued", "answered"] {
+            let _ = self.deduplicated.get_or_create(&StateLabel { state });
         }
         for outcome in ["ok", "failed"] {
             let _ = self.model_reloads.get_or_create(&OutcomeLabel { outcome });

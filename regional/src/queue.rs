@@ -1,11 +1,28 @@
 //! The region's utterance queue on Redis Streams, and result fan-in.
 //!
-//! - Jobs: `XADD earshot:{region}:utterances MAXLEN ~ N * field value …`,
-//!   audio as a binary field. Workers read them in consumer group `asr`.
-//! - Results: a worker `PUBLISH`es `request id (16 bytes) ‖ wire frame` on
-//!   the channel named in the job's `reply` field. Each ingress process has
-//!   one channel and one subscriber connection for all its requests
-//!   ([`ResultRouter`]), so Redis connections do not grow with clients.
+//! - Jobs: `XADD earshot:{region}:utterances * field value …`, audio as a
+//!   binary field. Workers read them in consumer group `asr`, and delete
+//!   each entry when they acknowledge it, so the stream's length is what is
+//!   queued or in progress: nothing is ever trimmed unread. Past
+//!   `queue_limit` entries the ingress answers `busy` instead of adding.
+//! - Idempotency: every utterance has a key, `(edge, session, utterance)`
+//!   from its header, the same on every attempt. A hash
+//!   `earshot:{region}:utterance:{edge}:{session}:{n}` (TTL `result_ttl`)
+//!   records the job (`entry`), the ingress channel waiting for it
+//!   (`reply`) and, once answered, the answer (`result`). [`admit`] checks
+//!   and adds atomically (one Lua script): a retry of an answered utterance
+//!   gets the stored answer, a retry of a queued one waits for the same job
+//!   (its channel replaces the old one), and only a new key adds an entry.
+//! - Results: a worker stores the answer in the hash and `PUBLISH`es
+//!   `request id (16 bytes) ‖ wire frame` on the channel the hash names
+//!   ([`store_result`], one script). Each ingress process has one channel
+//!   and one subscriber connection for all its requests ([`ResultRouter`]),
+//!   so Redis connections do not grow with clients; a waiting ingress also
+//!   reads the hash now and then, so a result published while it was not
+//!   subscribed (Redis restarted) is not lost.
+//! - Dead letters: an entry delivered `max_deliveries` times without being
+//!   answered moves to `earshot:{region}:dead` with why, and its utterance
+//!   is answered with an error.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +35,7 @@ use earshot_common::retry::Backoff;
 use earshot_common::wire::Header;
 use futures::StreamExt;
 use redis::Value;
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +45,35 @@ pub const GROUP: &str = "asr";
 /// Redis key of a region's utterance stream.
 pub fn stream_key(region: &str) -> String {
     format!("earshot:{region}:utterances")
+}
+
+/// Redis key of a region's dead-letter stream.
+pub fn dead_letter_key(region: &str) -> String {
+    format!("earshot:{region}:dead")
+}
+
+/// Redis key of one utterance's idempotency record.
+pub fn utterance_key(region: &str, header: &Header) -> String {
+    format!(
+        "earshot:{region}:utterance:{}:{}:{}",
+        header.edge,
+        hex(&header.session),
+        header.utterance
+    )
+}
+
+/// The id results are routed by: the same for every attempt of one
+/// utterance, so a retry waits for the first attempt's result.
+pub fn request_id(header: &Header) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(header.edge.as_bytes());
+    h.update([0]);
+    h.update(header.session);
+    h.update(header.utterance.to_be_bytes());
+    let digest = h.finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
 }
 
 /// Pub/sub channel of one ingress process.
@@ -149,19 +196,137 @@ pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// Appends a job to the stream; returns the entry id.
+/// What [`admit`] did with an utterance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// New: added to the stream as this entry.
+    Added(String),
+    /// Seen before and still queued or in progress: wait for that job.
+    Queued,
+    /// Seen before and answered: the stored wire frame.
+    Answered(Vec<u8>),
+    /// The stream holds `queue_limit` entries or more: not added.
+    Busy,
+}
+
+/// KEYS: record, stream. ARGV: reply channel, TTL seconds, queue limit,
+/// then the entry's fields and values.
+const ADMIT: &str = r"
+local result = redis.call('HGET', KEYS[1], 'result')
+if result then return {'answered', result} end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'reply', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return {'queued'}
+end
+if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then return {'busy'} end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'reply', ARGV[1], 'entry', id)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return {'added', id}
+";
+
+/// Adds `job` to the stream unless its utterance was seen before or the
+/// queue is full; all in one atomic step.
+pub async fn admit(
+    conn: &mut redis::aio::ConnectionManager,
+    region: &str,
+    stream: &str,
+    queue_limit: usize,
+    result_ttl: Duration,
+    job: &Job,
+) -> redis::RedisResult<Admission> {
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(ADMIT));
+    let mut invocation = SCRIPT.key(utterance_key(region, &job.header));
+    invocation
+        .key(stream)
+        .arg(&job.reply)
+        .arg(result_ttl.as_secs().max(1))
+        .arg(queue_limit);
+    for (k, v) in job.to_fields() {
+        invocation.arg(k).arg(v);
+    }
+    let reply: Vec<Value> = invocation.invoke_async(conn).await?;
+    let text = |v: Option<&Value>| match v {
+        Some(Value::BulkString(b)) => b.clone(),
+        Some(Value::SimpleString(s)) => s.clone().into_bytes(),
+        _ => Vec::new(),
+    };
+    let kind = text(reply.first());
+    Ok(match kind.as_slice() {
+        b"added" => Admission::Added(String::from_utf8_lossy(&text(reply.get(1))).into_owned()),
+        b"queued" => Admission::Queued,
+        b"answered" => Admission::Answered(text(reply.get(1))),
+        b"busy" => Admission::Busy,
+        other => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "unexpected reply from the admit script",
+                String::from_utf8_lossy(other).into_owned(),
+            )));
+        }
+    })
+}
+
+/// Appends a job to the stream as it is, with no idempotency record or
+/// limit: what an older ingress (or a test playing one) does.
 pub async fn enqueue(
     conn: &mut redis::aio::ConnectionManager,
     stream: &str,
-    max_len: usize,
     job: &Job,
 ) -> redis::RedisResult<String> {
     let mut cmd = redis::cmd("XADD");
-    cmd.arg(stream).arg("MAXLEN").arg("~").arg(max_len).arg("*");
+    cmd.arg(stream).arg("*");
     for (k, v) in job.to_fields() {
         cmd.arg(k).arg(v);
     }
     cmd.query_async(conn).await
+}
+
+/// KEYS: record. ARGV: the wire frame, request id, TTL seconds, fallback
+/// channel (the job's own `reply`, for a record that expired).
+const STORE_RESULT: &str = r"
+redis.call('HSET', KEYS[1], 'result', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local reply = redis.call('HGET', KEYS[1], 'reply')
+if not reply then reply = ARGV[4] end
+return redis.call('PUBLISH', reply, ARGV[2] .. ARGV[1])
+";
+
+/// Stores an utterance's answer under its key and publishes it to the
+/// ingress waiting for it now.
+pub async fn store_result(
+    conn: &mut redis::aio::ConnectionManager,
+    region: &str,
+    job: &Job,
+    frame: &[u8],
+    result_ttl: Duration,
+) -> redis::RedisResult<()> {
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(STORE_RESULT));
+    let _: i64 = SCRIPT
+        .key(utterance_key(region, &job.header))
+        .arg(frame)
+        .arg(&job.request[..])
+        .arg(result_ttl.as_secs().max(1))
+        .arg(&job.reply)
+        .invoke_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// The stored answer of an utterance, if it has one.
+pub async fn stored_result(
+    conn: &mut redis::aio::ConnectionManager,
+    region: &str,
+    header: &Header,
+) -> redis::RedisResult<Option<Vec<u8>>> {
+    redis::cmd("HGET")
+        .arg(utterance_key(region, header))
+        .arg("result")
+        .query_async(conn)
+        .await
 }
 
 /// Pending result waits, keyed by request id. Dropping the receiver (the
@@ -169,16 +334,24 @@ pub async fn enqueue(
 #[derive(Debug)]
 pub struct ResultRouter {
     channel: String,
-    waiters: std::sync::Mutex<HashMap<[u8; 16], oneshot::Sender<Bytes>>>,
+    /// Several waiters per request when an edge retried on this ingress
+    /// while its first attempt still waited.
+    waiters: std::sync::Mutex<HashMap<[u8; 16], Vec<oneshot::Sender<Bytes>>>>,
     subscribed: AtomicBool,
+    /// Counts results that found no waiter.
+    unrouted: prometheus_client::metrics::counter::Counter,
 }
 
 impl ResultRouter {
-    pub fn new(channel: String) -> Arc<Self> {
+    pub fn new(
+        channel: String,
+        unrouted: prometheus_client::metrics::counter::Counter,
+    ) -> Arc<Self> {
         Arc::new(ResultRouter {
             channel,
             waiters: std::sync::Mutex::new(HashMap::new()),
             subscribed: AtomicBool::new(false),
+            unrouted,
         })
     }
 
@@ -195,15 +368,24 @@ impl ResultRouter {
     pub fn register(&self, request: [u8; 16]) -> oneshot::Receiver<Bytes> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut w) = self.waiters.lock() {
-            w.retain(|_, tx| !tx.is_closed());
-            w.insert(request, tx);
+            w.retain(|_, txs| {
+                txs.retain(|tx| !tx.is_closed());
+                !txs.is_empty()
+            });
+            w.entry(request).or_default().push(tx);
         }
         rx
     }
 
+    /// Drops the waiters of `request` that gave up.
     pub fn forget(&self, request: &[u8; 16]) {
-        if let Ok(mut w) = self.waiters.lock() {
-            w.remove(request);
+        if let Ok(mut w) = self.waiters.lock()
+            && let Some(txs) = w.get_mut(request)
+        {
+            txs.retain(|tx| !tx.is_closed());
+            if txs.is_empty() {
+                w.remove(request);
+            }
         }
     }
 
@@ -220,10 +402,16 @@ impl ResultRouter {
             .ok()
             .and_then(|mut w| w.remove(&request));
         match waiter {
-            Some(tx) => {
-                let _ = tx.send(Bytes::copy_from_slice(&payload[16..]));
+            Some(txs) => {
+                let frame = Bytes::copy_from_slice(&payload[16..]);
+                for tx in txs {
+                    let _ = tx.send(frame.clone());
+                }
             }
-            None => tracing::debug!("result for a request no longer waiting"),
+            None => {
+                self.unrouted.inc();
+                tracing::debug!("result for a request no longer waiting; dropped");
+            }
         }
     }
 
@@ -338,7 +526,7 @@ mod tests {
 
     #[test]
     fn router_delivers_to_the_right_waiter() {
-        let router = ResultRouter::new("c".into());
+        let router = ResultRouter::new("c".into(), Default::default());
         let mut a = router.register([1; 16]);
         let mut b = router.register([2; 16]);
         let mut payload = vec![2; 16];
@@ -347,5 +535,35 @@ mod tests {
         assert_eq!(b.try_recv().unwrap(), Bytes::from_static(b"frame"));
         assert!(a.try_recv().is_err());
         router.dispatch(&[1; 3]); // too short: ignored
+    }
+
+    #[test]
+    fn every_waiter_of_a_retried_request_gets_its_result() {
+        let unrouted = prometheus_client::metrics::counter::Counter::default();
+        let router = ResultRouter::new("c".into(), unrouted.clone());
+        let mut first = router.register([5; 16]);
+        let mut retry = router.register([5; 16]);
+        let mut payload = vec![5; 16];
+        payload.extend_from_slice(b"frame");
+        router.dispatch(&payload);
+        assert_eq!(first.try_recv().unwrap(), Bytes::from_static(b"frame"));
+        assert_eq!(retry.try_recv().unwrap(), Bytes::from_static(b"frame"));
+        router.dispatch(&payload);
+        assert_eq!(unrouted.get(), 1, "a second copy finds no waiter");
+    }
+
+    #[test]
+    fn the_idempotency_key_is_the_same_for_every_attempt_and_differs_per_utterance() {
+        let a = job().header;
+        let mut b = a.clone();
+        b.language = "de".into(); // options do not make another utterance
+        assert_eq!(request_id(&a), request_id(&b));
+        assert_eq!(utterance_key("r", &a), utterance_key("r", &b));
+        b.utterance += 1;
+        assert_ne!(request_id(&a), request_id(&b));
+        let mut c = a.clone();
+        c.edge = "other".into();
+        assert_ne!(request_id(&a), request_id(&c));
+        assert_ne!(utterance_key("r", &a), utterance_key("r", &c));
     }
 }

@@ -2,11 +2,16 @@
 //! `asr`, transcribe them with Whisper, publish the result to the waiting
 //! ingress, and acknowledge.
 //!
-//! A job is acknowledged only after its result is published, so a worker
-//! that dies mid-job leaves the entry pending; another worker takes it over
-//! with `XAUTOCLAIM` once it has been idle for `claim_idle_ms`. The worker
-//! checks residency again before transcribing: a job whose jurisdiction may
-//! not be processed here is refused, whatever put it in the stream.
+//! A job is acknowledged (and deleted from the stream) only after its
+//! result is stored and published, so a worker that dies mid-job leaves the
+//! entry pending: another worker takes it over with `XAUTOCLAIM` once it
+//! has been idle for `claim_idle_ms`, and a worker restarted under the same
+//! name takes back its own pending entries at once. A job the model fails
+//! on is left pending too, to be tried again; one delivered more than
+//! `max_deliveries` times goes to the dead-letter stream and its utterance
+//! is answered with an error. The worker checks residency again before
+//! transcribing: a job whose jurisdiction may not be processed here is
+//! refused, whatever put it in the stream.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,9 +21,9 @@ use earshot_common::audio::s16le_to_f32;
 use earshot_common::retry::Backoff;
 use earshot_common::topology::Topology;
 use earshot_common::wire::{ErrorCode, Final, Frame, Segment, WireError};
-use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimOptions, StreamId, StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, Value};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -31,6 +36,9 @@ use crate::queue::{self, GROUP, Job};
 /// shutdown.
 const BLOCK_MS: usize = 1_000;
 
+/// Approximate cap on the dead-letter stream.
+const DEAD_LETTER_MAX_LEN: usize = 10_000;
+
 /// Everything a worker needs besides its model.
 #[derive(Clone)]
 pub struct WorkerContext {
@@ -40,6 +48,10 @@ pub struct WorkerContext {
     pub topology: Arc<Topology>,
     pub metrics: Arc<Metrics>,
     pub claim_idle: Duration,
+    /// Deliveries after which an unanswered entry is dead-lettered.
+    pub max_deliveries: usize,
+    /// How long an utterance's answer is kept for retries.
+    pub result_ttl: Duration,
     /// Most entries recognised together.
     pub max_batch: usize,
     /// After the first entry of a batch, how long to wait for more.
@@ -110,6 +122,31 @@ async fn consume(
     shutdown: &CancellationToken,
 ) -> redis::RedisResult<()> {
     let claim_idle = ctx.claim_idle.as_millis() as u64;
+    // What this consumer had in hand when its process died: at once, not
+    // after `claim_idle`.
+    loop {
+        let own: redis::streams::StreamPendingCountReply = conn
+            .xpending_consumer_count(&ctx.stream, GROUP, "-", "+", ctx.max_batch, &ctx.consumer)
+            .await?;
+        if own.ids.is_empty() {
+            break;
+        }
+        let ids: Vec<&str> = own.ids.iter().map(|p| p.id.as_str()).collect();
+        let taken: redis::streams::StreamClaimReply = conn
+            .xclaim(&ctx.stream, GROUP, &ctx.consumer, 0, &ids)
+            .await?;
+        tracing::info!(
+            entries = taken.ids.len(),
+            "took back the jobs this worker had in hand before a restart"
+        );
+        if taken.ids.is_empty() {
+            // Deleted meanwhile: their pending entries only need acking.
+            ack(conn, &ctx.stream, &ids).await?;
+            continue;
+        }
+        let entries = dead_letter_overdue(ctx, conn, taken.ids).await?;
+        process_batch(ctx, conn, model, entries).await?;
+    }
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
@@ -125,6 +162,11 @@ async fn consume(
                 StreamAutoClaimOptions::default().count(ctx.max_batch),
             )
             .await?;
+        if !claimed.deleted_ids.is_empty() {
+            // Pending entries whose stream entry is gone (deleted by hand):
+            // nothing to answer.
+            ack(conn, &ctx.stream, &claimed.deleted_ids).await?;
+        }
         if !claimed.claimed.is_empty() {
             ctx.metrics
                 .jobs_claimed
@@ -132,7 +174,8 @@ async fn consume(
             for entry in &claimed.claimed {
                 tracing::info!(entry = %entry.id, "claimed an abandoned job");
             }
-            process_batch(ctx, conn, model, claimed.claimed).await?;
+            let entries = dead_letter_overdue(ctx, conn, claimed.claimed).await?;
+            process_batch(ctx, conn, model, entries).await?;
             continue;
         }
         let entries = read_batch(ctx, conn, shutdown).await?;
@@ -213,16 +256,16 @@ async fn process_batch(
         let job = match Job::from_fields(&entry.map) {
             Ok(job) => job,
             Err(problem) => {
-                // Nothing can answer a job that cannot be parsed; acknowledge
-                // it so it does not block the group, and count it.
-                tracing::error!(entry = %entry.id, %problem, "malformed job acknowledged and dropped");
+                // Nothing can answer a job that cannot be parsed: keep it
+                // in the dead-letter stream, out of the group's way.
+                tracing::error!(entry = %entry.id, %problem, "malformed job moved to the dead-letter stream");
                 ctx.metrics
                     .jobs
                     .get_or_create(&OutcomeLabel {
                         outcome: "malformed",
                     })
                     .inc();
-                let _: i64 = conn.xack(&ctx.stream, GROUP, &[&entry.id]).await?;
+                bury(ctx, conn, &entry, &format!("malformed: {problem}"), 1).await?;
                 continue;
             }
         };
@@ -249,22 +292,130 @@ async fn process_batch(
     ctx.metrics.batch_size.observe(admitted.len() as f64);
     for (a, result) in admitted.iter().zip(results) {
         let span = job_span(&a.entry, &a.job);
-        let (frame, outcome) = {
+        let answered = {
             let _enter = span.enter();
             answer(ctx, a, result, &model_id, took, admitted.len())
         };
-        reply(ctx, conn, &a.entry, &a.job, frame, outcome)
-            .instrument(span)
-            .await?;
+        match answered {
+            Some((frame, outcome)) => {
+                reply(ctx, conn, &a.entry, &a.job, frame, outcome)
+                    .instrument(span)
+                    .await?;
+            }
+            // Left pending: claimed again after `claim_idle`, until it
+            // succeeds or is dead-lettered.
+            None => {
+                ctx.metrics
+                    .jobs
+                    .get_or_create(&OutcomeLabel { outcome: "failed" })
+                    .inc();
+            }
+        }
     }
     Ok(())
+}
+
+/// Acknowledges entries and deletes them from the stream, in one step: the
+/// stream holds only what is queued or in progress.
+async fn ack<I: redis::ToRedisArgs + Sync>(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    ids: &[I],
+) -> redis::RedisResult<()> {
+    let _: () = redis::pipe()
+        .atomic()
+        .xack(stream, GROUP, ids)
+        .ignore()
+        .xdel(stream, ids)
+        .ignore()
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Dead-letters the claimed entries delivered more than `max_deliveries`
+/// times; returns the others.
+async fn dead_letter_overdue(
+    ctx: &WorkerContext,
+    conn: &mut MultiplexedConnection,
+    entries: Vec<StreamId>,
+) -> redis::RedisResult<Vec<StreamId>> {
+    let mut keep = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let pending: redis::streams::StreamPendingCountReply = conn
+            .xpending_count(&ctx.stream, GROUP, &entry.id, &entry.id, 1)
+            .await?;
+        let deliveries = pending.ids.first().map_or(0, |p| p.times_delivered);
+        if deliveries <= ctx.max_deliveries {
+            keep.push(entry);
+            continue;
+        }
+        let why = format!("not answered after {} deliveries", deliveries - 1);
+        tracing::error!(entry = %entry.id, deliveries, "job moved to the dead-letter stream");
+        if let Ok(job) = Job::from_fields(&entry.map) {
+            let error = Frame::Error(WireError {
+                utterance: job.header.utterance,
+                code: ErrorCode::InferenceFailed,
+                message: format!(
+                    "the region could not transcribe this utterance: {why}; it is kept in the dead-letter stream"
+                ),
+            });
+            let mut frame = BytesMut::new();
+            if let Err(e) = error.encode(&mut frame) {
+                tracing::error!(error = %e, "cannot encode the dead letter's answer");
+            }
+            let mut publisher = ctx.publisher.clone();
+            queue::store_result(&mut publisher, &ctx.region, &job, &frame, ctx.result_ttl).await?;
+        }
+        bury(ctx, conn, &entry, &why, deliveries).await?;
+        ctx.metrics
+            .jobs
+            .get_or_create(&OutcomeLabel {
+                outcome: "dead_letter",
+            })
+            .inc();
+    }
+    Ok(keep)
+}
+
+/// Copies an entry to the dead-letter stream with why, then acknowledges
+/// and deletes it. The dead-letter stream is capped (`MAXLEN ~`): its
+/// entries were all answered.
+async fn bury(
+    ctx: &WorkerContext,
+    conn: &mut MultiplexedConnection,
+    entry: &StreamId,
+    why: &str,
+    deliveries: usize,
+) -> redis::RedisResult<()> {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(queue::dead_letter_key(&ctx.region))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(DEAD_LETTER_MAX_LEN)
+        .arg("*")
+        .arg("dead_entry")
+        .arg(&entry.id)
+        .arg("dead_reason")
+        .arg(why)
+        .arg("dead_deliveries")
+        .arg(deliveries);
+    for (k, v) in &entry.map {
+        if let Value::BulkString(b) = v {
+            cmd.arg(k).arg(b.as_slice());
+        }
+    }
+    let _: String = cmd.query_async(conn).await?;
+    ctx.metrics.dead_letters.inc();
+    ack(conn, &ctx.stream, &[&entry.id]).await
 }
 
 fn job_span(entry: &str, job: &Job) -> tracing::Span {
     tracing::info_span!("job", entry = %entry, utterance = job.header.utterance)
 }
 
-/// Publishes a job's answer to its ingress, then acknowledges the entry.
+/// Stores a job's answer under its utterance's key and publishes it to the
+/// waiting ingress, then acknowledges (and deletes) the entry.
 async fn reply(
     ctx: &WorkerContext,
     conn: &mut MultiplexedConnection,
@@ -273,13 +424,13 @@ async fn reply(
     frame: Frame,
     outcome: &'static str,
 ) -> redis::RedisResult<()> {
-    let mut payload = BytesMut::from(&job.request[..]);
-    if let Err(e) = frame.encode(&mut payload) {
+    let mut encoded = BytesMut::new();
+    if let Err(e) = frame.encode(&mut encoded) {
         tracing::error!(error = %e, "cannot encode result");
     }
     let mut publisher = ctx.publisher.clone();
-    let _: i64 = publisher.publish(&job.reply, payload.to_vec()).await?;
-    let _: i64 = conn.xack(&ctx.stream, GROUP, &[entry]).await?;
+    queue::store_result(&mut publisher, &ctx.region, job, &encoded, ctx.result_ttl).await?;
+    ack(conn, &ctx.stream, &[entry]).await?;
     ctx.metrics
         .jobs
         .get_or_create(&OutcomeLabel { outcome })
@@ -399,7 +550,8 @@ async fn recognize(
     }
 }
 
-/// The frame that answers one recognised job.
+/// The frame that answers one recognised job; `None` when the model failed
+/// on it.
 fn answer(
     ctx: &WorkerContext,
     admitted: &Admitted,
@@ -407,7 +559,7 @@ fn answer(
     model_id: &str,
     took: Duration,
     batch: usize,
-) -> (Frame, &'static str) {
+) -> Option<(Frame, &'static str)> {
     let job = &admitted.job;
     let utterance = job.header.utterance;
     ctx.metrics.inference.observe(took.as_secs_f64());
@@ -457,18 +609,11 @@ fn answer(
                 queue_us: u32::try_from(admitted.queued_us).unwrap_or(u32::MAX),
                 inference_us: u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
             });
-            (frame, "final")
+            Some((frame, "final"))
         }
         Err(e) => {
-            tracing::error!(error = %e, "transcription failed");
-            (
-                Frame::Error(WireError {
-                    utterance,
-                    code: ErrorCode::InferenceFailed,
-                    message: e.to_string(),
-                }),
-                "failed",
-            )
+            tracing::error!(error = %e, "transcription failed; the job stays pending to be tried again");
+            None
         }
     }
 }

@@ -1,0 +1,313 @@
+//! Nothing accepted is lost: regions killed (`kill -9`), restarted and
+//! drained (SIGTERM), Redis killed and restarted, and a flood past a
+//! region's queue limit — with spoken audio streamed through a real edge,
+//! real QUIC, real Redis (append-only file on) and the built
+//! `earshot-regional` binary. Every utterance is counted: each must get
+//! exactly one final, from a region its session's jurisdiction permits.
+//!
+//! The words do not matter here, only that each utterance is answered once,
+//! so the regions run the seeded test model (fast on two cores). Times are
+//! printed, not asserted (docs/benchmarks.md has the measured ones).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use earshot_cli::client::{self, StreamOptions, Transcript};
+use earshot_cli::speech::{self, Speech};
+use earshot_common::client::ServerMessage;
+use support::{Cluster, EdgePlan, RegionPlan, metric, test_model};
+
+const SENTENCES: [&str; 3] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call me back tomorrow morning at nine.",
+    "Every region keeps its own queue of utterances.",
+];
+
+/// Finals as they arrive: when, which session, from which region.
+type Arrivals = Arc<Mutex<Vec<(Instant, usize, String)>>>;
+
+fn region(name: &'static str, extra: &'static str) -> RegionPlan {
+    RegionPlan {
+        name,
+        jurisdiction: "eu",
+        workers: 1,
+        extra,
+    }
+}
+
+fn edge(regions: &'static [&'static str]) -> EdgePlan {
+    EdgePlan {
+        name: "edge-fra",
+        jurisdiction: "eu",
+        regions,
+        extra: "",
+    }
+}
+
+/// `sessions` clients streaming `speech` in real time at once.
+fn stream_all(
+    cluster: &Cluster,
+    speech: &Speech,
+    sessions: usize,
+    arrivals: &Arrivals,
+) -> Vec<tokio::task::JoinHandle<Transcript>> {
+    (0..sessions)
+        .map(|session| {
+            let url = cluster.listen_url("edge-fra", "");
+            let pcm = speech.pcm_bytes();
+            let arrivals = arrivals.clone();
+            tokio::spawn(async move {
+                let options = StreamOptions {
+                    chunk_bytes: 3_200,
+                    pace: Some(Duration::from_millis(100)),
+                };
+                let seen = |m: &ServerMessage| {
+                    if let ServerMessage::Final(f) = m {
+                        arrivals
+                            .lock()
+                            .unwrap()
+                            .push((Instant::now(), session, f.region.clone()));
+                    }
+                };
+                tokio::time::timeout(
+                    Duration::from_secs(180),
+                    client::stream(&url, &pcm, options, seen),
+                )
+                .await
+                .expect("session did not finish within 180 s")
+                .unwrap()
+            })
+        })
+        .collect()
+}
+
+/// Every session got exactly one final for each of its utterances (1, 2,
+/// 3: one per spoken sentence), no error, all from `permitted` regions.
+/// Returns the finals per region.
+async fn every_utterance_answered_once(
+    sessions: Vec<tokio::task::JoinHandle<Transcript>>,
+    permitted: &[&str],
+) -> BTreeMap<String, usize> {
+    let mut per_region = BTreeMap::new();
+    for (i, session) in sessions.into_iter().enumerate() {
+        let transcript = session.await.unwrap();
+        assert!(
+            transcript.errors().is_empty(),
+            "session {i}: {:#?}",
+            transcript.errors()
+        );
+        let mut answered: BTreeMap<u32, usize> = BTreeMap::new();
+        for f in transcript.finals() {
+            *answered.entry(f.utterance).or_default() += 1;
+            assert!(
+                permitted.contains(&f.region.as_str()),
+                "session {i}: utterance {} answered by {}, not permitted",
+                f.utterance,
+                f.region
+            );
+            *per_region.entry(f.region.clone()).or_default() += 1;
+        }
+        let expected: BTreeMap<u32, usize> = (1..=SENTENCES.len() as u32).map(|u| (u, 1)).collect();
+        assert_eq!(answered, expected, "session {i}: utterance -> finals");
+    }
+    per_region
+}
+
+/// eu-west (an `earshot-regional` process) and eu-central, both permitted
+/// to edge-fra's EU sessions, eu-west first.
+async fn two_regions_eu_west_a_process() -> Cluster {
+    Cluster::start_with_processes(
+        &test_model(),
+        &[region("eu-west", ""), region("eu-central", "")],
+        &[edge(&["eu-west", "eu-central"])],
+        &["eu-west"],
+    )
+    .await
+    .unwrap()
+}
+
+/// eu-west alone serving edge-fra; a process if `processes` names it.
+async fn eu_west_alone(processes: &[&str]) -> Cluster {
+    Cluster::start_with_processes(
+        &test_model(),
+        &[region("eu-west", "")],
+        &[edge(&["eu-west"])],
+        processes,
+    )
+    .await
+    .unwrap()
+}
+
+fn speak(cluster: &Cluster) -> Speech {
+    speech::synthesize(&SENTENCES, 1.5, 0.5, cluster.dir.path()).unwrap()
+}
+
+/// Waits until the first final from `region` arrives: the moment the
+/// other sessions' utterances are in flight there (the sessions speak in
+/// step).
+async fn first_final_arrives(arrivals: &Arrivals, region: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !arrivals.lock().unwrap().iter().any(|(_, _, r)| r == region) {
+        assert!(Instant::now() < deadline, "no final from {region} in 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The first final from `region` at or after `since`.
+fn first_final_from(arrivals: &Arrivals, region: &str, since: Instant) -> Option<Duration> {
+    arrivals
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, _, r)| r == region && *at >= since)
+        .map(|(at, _, _)| *at - since)
+        .min()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_region_fails_over_and_every_utterance_gets_exactly_one_final() {
+    let mut cluster = two_regions_eu_west_a_process().await;
+    let speech = speak(&cluster);
+    let arrivals = Arrivals::default();
+    let sessions = stream_all(&cluster, &speech, 20, &arrivals);
+    first_final_arrives(&arrivals, "eu-west").await;
+    cluster.kill_region("eu-west").unwrap();
+    let killed = Instant::now();
+    let per_region = every_utterance_answered_once(sessions, &["eu-west", "eu-central"]).await;
+    let to_first = first_final_from(&arrivals, "eu-central", killed);
+    println!(
+        "kill -9 of eu-west: first final from eu-central {:?} after the kill; finals per region {per_region:?}",
+        to_first
+    );
+    assert!(
+        per_region.get("eu-central").is_some_and(|n| *n > 0),
+        "{per_region:?}"
+    );
+    let edge_metrics = cluster
+        .metrics(cluster.edge_ports["edge-fra"])
+        .await
+        .unwrap();
+    assert!(
+        metric(
+            &edge_metrics,
+            "earshot_edge_breaker_opened_total{region=\"eu-west\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "the dead region's breaker opened"
+    );
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_restarted_after_3_s_answers_every_utterance_with_no_error() {
+    let mut cluster = eu_west_alone(&["eu-west"]).await;
+    let speech = speak(&cluster);
+    let arrivals = Arrivals::default();
+    let sessions = stream_all(&cluster, &speech, 5, &arrivals);
+    first_final_arrives(&arrivals, "eu-west").await;
+    cluster.kill_region("eu-west").unwrap();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.start_region("eu-west").unwrap();
+    let per_region = every_utterance_answered_once(sessions, &["eu-west"]).await;
+    println!(
+        "eu-west killed and restarted 3 s later: first final {:?} after the kill; {per_region:?}",
+        first_final_from(&arrivals, "eu-west", killed)
+    );
+    let edge_metrics = cluster
+        .metrics(cluster.edge_ports["edge-fra"])
+        .await
+        .unwrap();
+    assert!(
+        metric(&edge_metrics, "earshot_edge_retry_rounds_total").is_some_and(|n| n >= 1.0),
+        "utterances waited for the region to come back"
+    );
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_stream_loses_no_utterance() {
+    let mut cluster = eu_west_alone(&[]).await;
+    let speech = speak(&cluster);
+    let arrivals = Arrivals::default();
+    let sessions = stream_all(&cluster, &speech, 5, &arrivals);
+    first_final_arrives(&arrivals, "eu-west").await;
+    let redis = cluster.redis.get_mut("eu-west").unwrap();
+    redis.stop(); // SIGKILL
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.restart().unwrap();
+    let per_region = every_utterance_answered_once(sessions, &["eu-west"]).await;
+    println!("Redis killed and restarted: {per_region:?}");
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_region_under_load_and_it_exits_0() {
+    let mut cluster = two_regions_eu_west_a_process().await;
+    let speech = speak(&cluster);
+    let arrivals = Arrivals::default();
+    let sessions = stream_all(&cluster, &speech, 10, &arrivals);
+    first_final_arrives(&arrivals, "eu-west").await;
+    let began = Instant::now();
+    let status = cluster
+        .terminate_region("eu-west", Duration::from_secs(30))
+        .await
+        .unwrap();
+    println!("eu-west drained and exited in {:?}", began.elapsed());
+    assert!(status.success(), "exit status {status}");
+    let log = cluster.region_log("eu-west");
+    assert!(log.contains("regional node stopped"), "{log}");
+    every_utterance_answered_once(sessions, &["eu-west", "eu-central"]).await;
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_past_the_queue_limit_is_refused_busy_and_fails_over() {
+    let cluster = Cluster::start(
+        &test_model(),
+        &[
+            region("eu-west", "[redis]\nqueue_limit = 1\n"),
+            region("eu-central", ""),
+        ],
+        &[edge(&["eu-west", "eu-central"])],
+    )
+    .await
+    .unwrap();
+    let speech = speak(&cluster);
+    // Twelve sessions at once, as fast as the edge reads: a burst of
+    // utterances far past eu-west's limit of one queued.
+    let sessions: Vec<_> = (0..12)
+        .map(|_| {
+            let url = cluster.listen_url("edge-fra", "");
+            let pcm = speech.pcm_bytes();
+            tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(180),
+                    client::stream(&url, &pcm, StreamOptions::default(), |_| {}),
+                )
+                .await
+                .expect("session did not finish within 180 s")
+                .unwrap()
+            })
+        })
+        .collect();
+    let per_region = every_utterance_answered_once(sessions, &["eu-west", "eu-central"]).await;
+    let region_metrics = cluster
+        .metrics(cluster.region_http["eu-west"])
+        .await
+        .unwrap();
+    let busy = metric(
+        &region_metrics,
+        "earshot_regional_utterances_total{outcome=\"busy\"}",
+    )
+    .unwrap_or(0.0);
+    println!("flood: {busy} busy refusals at eu-west; finals per region {per_region:?}");
+    assert!(busy >= 1.0, "eu-west refused none of the burst");
+    assert!(per_region.get("eu-central").is_some_and(|n| *n > 0));
+    cluster.stop().await.unwrap();
+}
