@@ -471,3 +471,158 @@ async fn a_crashed_workers_job_is_claimed_and_queued_jobs_are_answered_as_a_batc
     assert_eq!(left, 0, "answered entries are deleted from the stream");
     cluster.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_utterance_is_answered_from_its_first_attempt_not_transcribed_again() {
+    let cluster = support::single("").await;
+    let tls = tls_for(&cluster.deployment.certs_dir(), "edge-fra");
+    let connection = connect(&cluster, &tls, "eu-west").await.unwrap();
+    let bytes = utterance(&header("eu", "edge-fra"), &[0u8; 32_000]);
+    // Two attempts at once (an edge that gave up on the first and retried
+    // on a new stream), then a third after the answer.
+    let (first, second) =
+        tokio::join!(exchange(&connection, &bytes), exchange(&connection, &bytes));
+    let third = exchange(&connection, &bytes).await;
+    let finals: Vec<_> = [first, second, third]
+        .into_iter()
+        .map(|f| match f {
+            Ok(Frame::Final(f)) => f,
+            other => panic!("expected a final, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(finals[0], finals[1]);
+    assert_eq!(finals[0], finals[2]);
+    let metrics = cluster
+        .metrics(cluster.region_http["eu-west"])
+        .await
+        .unwrap();
+    let count = |series: &str| metric(&metrics, series).unwrap_or(0.0);
+    assert_eq!(
+        count("earshot_regional_jobs_total{outcome=\"final\"}"),
+        1.0,
+        "transcribed once"
+    );
+    assert_eq!(
+        count("earshot_regional_deduplicated_total{state=\"queued\"}")
+            + count("earshot_regional_deduplicated_total{state=\"answered\"}"),
+        2.0
+    );
+    assert!(count("earshot_regional_deduplicated_total{state=\"answered\"}") >= 1.0);
+    assert_eq!(stream_len(&cluster, "eu-west"), 0);
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_model_fails_on_every_time_is_dead_lettered_and_the_session_goes_on() {
+    let cluster = cluster().await;
+    let client = redis::Client::open(cluster.redis["eu-west"].url()).unwrap();
+    let stream = queue::stream_key("eu-west");
+    let reply = "earshot:eu-west:results:poison";
+    let mut manager = redis::aio::ConnectionManager::new(client.clone())
+        .await
+        .unwrap();
+    let job = |utterance: u32, audio: Vec<u8>| {
+        let audio = Bytes::from(audio);
+        let mut h = header("eu", "edge-fra");
+        h.utterance = utterance;
+        Job {
+            request: [utterance as u8; 16],
+            reply: reply.into(),
+            audio_sha256: Sha256::digest(&audio).into(),
+            header: h,
+            audio,
+            enqueued_us: queue::unix_us(),
+        }
+    };
+    // 31 s of audio: past Whisper's window, so the model refuses it each
+    // time (the ingress never queues such audio; a buggy producer might).
+    let poison = job(1, vec![0u8; 31 * 32_000]);
+    let next = job(2, vec![0u8; 16_000]);
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    worker::ensure_group(&mut conn, &stream).await.unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(reply).await.unwrap();
+    for j in [&poison, &next] {
+        queue::enqueue(&mut manager, &stream, j).await.unwrap();
+    }
+
+    let metrics = Arc::new(Metrics::new());
+    let ctx = WorkerContext {
+        region: "eu-west".into(),
+        stream: stream.clone(),
+        consumer: "w".into(),
+        topology: Arc::new(Topology::load(&cluster.deployment.topology_path()).unwrap()),
+        metrics: metrics.clone(),
+        claim_idle: Duration::from_millis(1000),
+        max_deliveries: 2,
+        result_ttl: Duration::from_secs(60),
+        max_batch: 1,
+        batch_window: Duration::ZERO,
+        translators: Default::default(),
+        client: client.clone(),
+        publisher: manager.clone(),
+    };
+    let model = earshot_regional::model::ModelSlot::load(
+        &support::test_model(),
+        earshot_asr::EncoderWindow::Fit,
+        None,
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(worker::run(ctx, model, stop.clone()));
+
+    let mut answers = std::collections::BTreeMap::new();
+    let mut messages = pubsub.on_message();
+    while answers.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("both utterances answered within 30 s")
+            .unwrap();
+        let payload = message.get_payload_bytes().to_vec();
+        let frame = wire::decode(&mut BytesMut::from(&payload[16..]))
+            .unwrap()
+            .unwrap();
+        answers.insert(payload[0], frame);
+    }
+    drop(messages);
+    stop.cancel();
+    running.await.unwrap();
+    assert!(
+        matches!(&answers[&2], Frame::Final(f) if f.utterance == 2),
+        "the session's next utterance is answered: {:?}",
+        answers[&2]
+    );
+    match &answers[&1] {
+        Frame::Error(e) => {
+            assert_eq!(e.code, ErrorCode::InferenceFailed);
+            assert!(e.message.contains("dead-letter"), "{}", e.message);
+        }
+        other => panic!("expected an error for the poison job, got {other:?}"),
+    }
+    let mut sync = client.get_connection().unwrap();
+    let dead: Vec<redis::streams::StreamId> = sync
+        .xrange_all::<_, redis::streams::StreamRangeReply>(queue::dead_letter_key("eu-west"))
+        .unwrap()
+        .ids;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].get::<String>("utterance").as_deref(),
+        Some("1"),
+        "the dead letter keeps the job"
+    );
+    assert!(dead[0].get::<String>("dead_reason").is_some());
+    assert_eq!(stream_len(&cluster, "eu-west"), 0);
+    assert_eq!(metrics.dead_letters.get(), 1);
+    let outcome = |outcome| {
+        metrics
+            .jobs
+            .get_or_create(&earshot_regional::metrics::OutcomeLabel { outcome })
+            .get()
+    };
+    assert_eq!(
+        (outcome("failed"), outcome("dead_letter"), outcome("final")),
+        (2, 1, 1),
+        "two failed deliveries, then the dead letter"
+    );
+    cluster.stop().await.unwrap();
+}
