@@ -125,32 +125,37 @@ async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
 
     // The pipeline does not touch the audio: what the worker transcribed
     // (its hash travels back in the final) is byte-identical to the segment
-    // of the original recording the edge cut, and so is what sits in the
-    // Redis stream; and the text is what the same model says about that
-    // segment when run directly.
+    // of the original recording the edge cut; the region kept each answer
+    // under the utterance's idempotency key and deleted the answered
+    // entries from its stream; and the text is what the same model says
+    // about that segment when run directly.
     let pcm = speech.pcm_bytes();
     let model = WhisperModel::load(&model_dir, EncoderWindow::default()).unwrap();
     let redis = redis::Client::open(cluster.redis["eu-west"].url()).unwrap();
     let mut conn = redis.get_connection().unwrap();
-    let entries: redis::streams::StreamRangeReply =
-        redis::Commands::xrange_all(&mut conn, "earshot:eu-west:utterances").unwrap();
-    assert_eq!(entries.ids.len(), speech::ENGLISH.len());
+    let left: usize = redis::Commands::xlen(&mut conn, "earshot:eu-west:utterances").unwrap();
+    assert_eq!(left, 0, "answered entries are deleted");
+    let keys: Vec<String> =
+        redis::Commands::keys(&mut conn, "earshot:eu-west:utterance:edge-fra:*").unwrap();
+    assert_eq!(keys.len(), speech::ENGLISH.len());
+    let mut stored = std::collections::HashMap::new();
+    for key in &keys {
+        let frame: Vec<u8> = redis::Commands::hget(&mut conn, key, "result").unwrap();
+        let Some(earshot_common::wire::Frame::Final(fin)) =
+            earshot_common::wire::decode(&mut bytes::BytesMut::from(&frame[..])).unwrap()
+        else {
+            panic!("no final stored under {key}");
+        };
+        assert!(key.ends_with(&format!(":{}", fin.utterance)), "{key}");
+        stored.insert(fin.utterance, fin);
+    }
     for f in &finals {
         let segment = &pcm[2 * sample(f.start)..2 * sample(f.end)];
         let segment_hash = hex(&Sha256::digest(segment));
         assert_eq!(f.audio_sha256, segment_hash, "utterance {}", f.utterance);
-        // Utterances are sent concurrently, so the stream's order is not
-        // utterance order: find this one's entry by its field.
-        let number = f.utterance.to_string().into_bytes();
-        let entry = entries
-            .ids
-            .iter()
-            .find(|e| e.map.get("utterance") == Some(&redis::Value::BulkString(number.clone())))
-            .unwrap_or_else(|| panic!("no stream entry for utterance {}", f.utterance));
-        let Some(redis::Value::BulkString(queued)) = entry.map.get("audio") else {
-            panic!("no audio field in {entry:?}");
-        };
-        assert_eq!(hex(&Sha256::digest(queued)), segment_hash);
+        let kept = &stored[&f.utterance];
+        assert_eq!(hex(&kept.audio_sha256), segment_hash);
+        assert_eq!(kept.text, f.text);
         let direct = model
             .transcribe(&earshot_common::audio::s16le_to_f32(segment), Some("en"))
             .unwrap();
