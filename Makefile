@@ -14,9 +14,12 @@ demo: setup
 	$(CARGO) build --bins
 	./target/debug/earshot demo
 
+# The failover tests run the built earshot-regional binary, and `cargo test`
+# builds only the tested package's own binaries: build them all first.
 test: setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --all-targets
 
 lint:

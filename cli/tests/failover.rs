@@ -28,6 +28,11 @@ const SENTENCES: [&str; 3] = [
     "Every region keeps its own queue of utterances.",
 ];
 
+/// These tests kill, restart and flood whole deployments of 5-20 streaming
+/// sessions: run one at a time, so two cores are not shared between two
+/// of them (and the times they print mean something).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Finals as they arrive: when, which session, from which region.
 type Arrivals = Arc<Mutex<Vec<(Instant, usize, String)>>>;
 
@@ -171,6 +176,7 @@ fn first_final_from(arrivals: &Arrivals, region: &str, since: Instant) -> Option
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_region_fails_over_and_every_utterance_gets_exactly_one_final() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut cluster = two_regions_eu_west_a_process().await;
     let speech = speak(&cluster);
     let arrivals = Arrivals::default();
@@ -205,6 +211,7 @@ async fn a_killed_region_fails_over_and_every_utterance_gets_exactly_one_final()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_restarted_after_3_s_answers_every_utterance_with_no_error() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut cluster = eu_west_alone(&["eu-west"]).await;
     let speech = speak(&cluster);
     let arrivals = Arrivals::default();
@@ -232,6 +239,7 @@ async fn a_region_restarted_after_3_s_answers_every_utterance_with_no_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_mid_stream_loses_no_utterance() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut cluster = eu_west_alone(&[]).await;
     let speech = speak(&cluster);
     let arrivals = Arrivals::default();
@@ -248,6 +256,7 @@ async fn redis_killed_and_restarted_mid_stream_loses_no_utterance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_region_under_load_and_it_exits_0() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let mut cluster = two_regions_eu_west_a_process().await;
     let speech = speak(&cluster);
     let arrivals = Arrivals::default();
@@ -268,6 +277,7 @@ async fn sigterm_drains_a_region_under_load_and_it_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_past_the_queue_limit_is_refused_busy_and_fails_over() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = Cluster::start(
         &test_model(),
         &[
