@@ -129,6 +129,83 @@ fn code(frame: Result<Frame, String>) -> ErrorCode {
     }
 }
 
+/// A worker of eu-west on the seeded test model, run in the test's process
+/// (claim idle 1 s, the minimum).
+struct TestWorker {
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl TestWorker {
+    async fn start(
+        cluster: &Cluster,
+        client: &redis::Client,
+        consumer: &str,
+        max_batch: usize,
+        max_deliveries: usize,
+    ) -> TestWorker {
+        let metrics = Arc::new(Metrics::new());
+        let ctx = WorkerContext {
+            region: "eu-west".into(),
+            stream: queue::stream_key("eu-west"),
+            consumer: consumer.into(),
+            topology: Arc::new(Topology::load(&cluster.deployment.topology_path()).unwrap()),
+            metrics: metrics.clone(),
+            claim_idle: Duration::from_millis(1000),
+            max_deliveries,
+            result_ttl: Duration::from_secs(60),
+            max_batch,
+            batch_window: Duration::ZERO,
+            translators: Default::default(),
+            client: client.clone(),
+            publisher: redis::aio::ConnectionManager::new(client.clone())
+                .await
+                .unwrap(),
+        };
+        let model = earshot_regional::model::ModelSlot::load(
+            &support::test_model(),
+            earshot_asr::EncoderWindow::Fit,
+            None,
+        )
+        .unwrap();
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(worker::run(ctx, model, stop.clone()));
+        TestWorker {
+            metrics,
+            stop,
+            running,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.running.await.unwrap();
+    }
+}
+
+/// The next `n` results published on `pubsub`'s channel, by the first byte
+/// of their request id.
+async fn collect_answers(
+    pubsub: &mut redis::aio::PubSub,
+    n: usize,
+) -> std::collections::BTreeMap<u8, Frame> {
+    let mut answers = std::collections::BTreeMap::new();
+    let mut messages = pubsub.on_message();
+    while answers.len() < n {
+        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("{n} answers within 30 s"))
+            .unwrap();
+        let payload = message.get_payload_bytes().to_vec();
+        let frame = wire::decode(&mut BytesMut::from(&payload[16..]))
+            .unwrap()
+            .unwrap();
+        answers.insert(payload[0], frame);
+    }
+    answers
+}
+
 fn stream_len(cluster: &Cluster, region: &str) -> usize {
     let client = redis::Client::open(cluster.redis[region].url()).unwrap();
     let mut conn = client.get_connection().unwrap();
@@ -393,45 +470,9 @@ async fn a_crashed_workers_job_is_claimed_and_queued_jobs_are_answered_as_a_batc
     pubsub.subscribe(reply).await.unwrap();
 
     // A healthy worker starts; after the claim idle time it takes the job.
-    let metrics = Arc::new(Metrics::new());
-    let ctx = WorkerContext {
-        region: "eu-west".into(),
-        stream: stream.clone(),
-        consumer: "healthy".into(),
-        topology: Arc::new(Topology::load(&cluster.deployment.topology_path()).unwrap()),
-        metrics: metrics.clone(),
-        claim_idle: Duration::from_millis(1000),
-        max_deliveries: 3,
-        result_ttl: Duration::from_secs(60),
-        max_batch: 4,
-        batch_window: Duration::ZERO,
-        translators: Default::default(),
-        client: client.clone(),
-        publisher: manager,
-    };
-    let model = earshot_regional::model::ModelSlot::load(
-        &support::test_model(),
-        earshot_asr::EncoderWindow::Fit,
-        None,
-    )
-    .unwrap();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker::run(ctx, model, stop.clone()));
-
-    let mut answers = std::collections::BTreeMap::new();
-    let mut messages = pubsub.on_message();
-    while answers.len() < 4 {
-        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
-            .await
-            .expect("four answers within 30 s")
-            .unwrap();
-        let payload = message.get_payload_bytes().to_vec();
-        let frame = wire::decode(&mut BytesMut::from(&payload[16..]))
-            .unwrap()
-            .unwrap();
-        answers.insert(payload[0], frame);
-    }
-    drop(messages);
+    let worker = TestWorker::start(&cluster, &client, "healthy", 4, 3).await;
+    let answers = collect_answers(&mut pubsub, 4).await;
+    let metrics = worker.metrics.clone();
     for request in [9, 1] {
         match &answers[&request] {
             Frame::Final(f) => {
@@ -452,8 +493,7 @@ async fn a_crashed_workers_job_is_claimed_and_queued_jobs_are_answered_as_a_batc
         "{:?}",
         answers[&3]
     );
-    stop.cancel();
-    running.await.unwrap();
+    worker.stop().await;
     assert_eq!(metrics.jobs_claimed.get(), 1);
     let outcome = |outcome| {
         metrics
@@ -546,47 +586,10 @@ async fn a_job_the_model_fails_on_every_time_is_dead_lettered_and_the_session_go
         queue::enqueue(&mut manager, &stream, j).await.unwrap();
     }
 
-    let metrics = Arc::new(Metrics::new());
-    let ctx = WorkerContext {
-        region: "eu-west".into(),
-        stream: stream.clone(),
-        consumer: "w".into(),
-        topology: Arc::new(Topology::load(&cluster.deployment.topology_path()).unwrap()),
-        metrics: metrics.clone(),
-        claim_idle: Duration::from_millis(1000),
-        max_deliveries: 2,
-        result_ttl: Duration::from_secs(60),
-        max_batch: 1,
-        batch_window: Duration::ZERO,
-        translators: Default::default(),
-        client: client.clone(),
-        publisher: manager.clone(),
-    };
-    let model = earshot_regional::model::ModelSlot::load(
-        &support::test_model(),
-        earshot_asr::EncoderWindow::Fit,
-        None,
-    )
-    .unwrap();
-    let stop = CancellationToken::new();
-    let running = tokio::spawn(worker::run(ctx, model, stop.clone()));
-
-    let mut answers = std::collections::BTreeMap::new();
-    let mut messages = pubsub.on_message();
-    while answers.len() < 2 {
-        let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
-            .await
-            .expect("both utterances answered within 30 s")
-            .unwrap();
-        let payload = message.get_payload_bytes().to_vec();
-        let frame = wire::decode(&mut BytesMut::from(&payload[16..]))
-            .unwrap()
-            .unwrap();
-        answers.insert(payload[0], frame);
-    }
-    drop(messages);
-    stop.cancel();
-    running.await.unwrap();
+    let worker = TestWorker::start(&cluster, &client, "w", 1, 2).await;
+    let answers = collect_answers(&mut pubsub, 2).await;
+    let metrics = worker.metrics.clone();
+    worker.stop().await;
     assert!(
         matches!(&answers[&2], Frame::Final(f) if f.utterance == 2),
         "the session's next utterance is answered: {:?}",

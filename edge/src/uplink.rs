@@ -33,7 +33,7 @@ use earshot_common::wire::{self, ErrorCode, Final, Frame, Header};
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 
-use crate::breaker::{Breaker, State};
+use crate::breaker::Breaker;
 use crate::metrics::{Metrics, RegionLabel, RegionOutcome};
 
 /// Most bytes a region's answer may take before it is treated as broken.
@@ -126,8 +126,6 @@ fn describe(attempts: &[Attempt]) -> String {
 pub struct Answer {
     pub region: String,
     pub fin: Final,
-    /// Attempts that failed before this one (0: the first region answered).
-    pub failed_attempts: usize,
 }
 
 enum AttemptError {
@@ -191,7 +189,6 @@ impl Uplink {
         let request = wire::encode_utterance(header, audio, audio_sha256)?.freeze();
         let deadline = Instant::now() + self.policy.retry_budget;
         let mut failures: Vec<Attempt> = Vec::new();
-        let mut failed_attempts = 0;
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let mut next_probe: Option<Instant> = None;
@@ -223,7 +220,6 @@ impl Uplink {
                         return Ok(Answer {
                             region: target.name.clone(),
                             fin,
-                            failed_attempts,
                         });
                     }
                     Ok(Ok(_)) => (
@@ -260,7 +256,6 @@ impl Uplink {
                 };
                 self.failed(target);
                 self.count(target, label);
-                failed_attempts += 1;
                 tracing::warn!(region = %target.name, outcome = label, %problem, "region attempt failed");
                 if failures.len() == MAX_ATTEMPTS_KEPT {
                     failures.remove(0);
@@ -339,16 +334,6 @@ impl Uplink {
                 })
                 .inc();
         }
-    }
-
-    /// The state of `region`'s breaker now.
-    pub fn breaker_state(&self, region: &str) -> Option<State> {
-        let target = self.targets.iter().find(|t| t.name == region)?;
-        let breaker = target
-            .breaker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        Some(breaker.state(Instant::now()))
     }
 
     fn count(&self, target: &Target, outcome: &'static str) {
