@@ -38,7 +38,7 @@ pub struct EdgePlan {
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
-    /// Regions running as their own `earshot-regional` processes.
+    /// Nodes running as their own processes (the built binaries), by name.
     processes: HashMap<String, Child>,
     pub deployment: Deployment,
     pub redis: HashMap<String, RedisServer>,
@@ -98,9 +98,10 @@ impl Cluster {
         Cluster::start_with_processes(model, regions, edges, &[]).await
     }
 
-    /// As [`Cluster::start`], with the regions named in `processes` run as
-    /// `earshot-regional` processes (the built binary, on the same config
-    /// files), so a test can kill, terminate and restart them.
+    /// As [`Cluster::start`], with the regions and edges named in
+    /// `processes` run as `earshot-regional` and `earshot-edge` processes
+    /// (the built binaries, on the same config files), so a test can kill,
+    /// terminate and restart them.
     pub async fn start_with_processes(
         model: &Path,
         regions: &[RegionPlan],
@@ -171,16 +172,21 @@ impl Cluster {
             let quic = quic_sockets.remove(&r.name).context("quic socket")?;
             let http = http_listeners.remove(&r.name).context("http listener")?;
             tasks.push(tokio::spawn(async move {
-                Ok(regional.serve(quic, http).await?)
+                Ok(regional.serve(Some(quic), http).await?)
             }));
         }
         let mut edge_ports = HashMap::new();
         for e in &deployment.edges {
+            edge_ports.insert(e.name.clone(), e.http_port);
+            if processes.contains(&e.name.as_str()) {
+                // The process binds the port itself.
+                edge_listeners.remove(&e.name);
+                continue;
+            }
             let config = EdgeConfig::load(&deployment.edge_config(&e.name))?;
             let edge = Edge::build(config, shutdown.clone())?;
             let listener = edge_listeners.remove(&e.name).context("edge listener")?;
             tasks.push(tokio::spawn(async move { Ok(edge.serve(listener).await?) }));
-            edge_ports.insert(e.name.clone(), e.http_port);
         }
         let mut cluster = Cluster {
             processes: HashMap::new(),
@@ -194,9 +200,18 @@ impl Cluster {
             tasks,
         };
         for name in processes {
-            cluster.start_region(name)?;
+            if cluster.edge_ports.contains_key(*name) {
+                let config = cluster.deployment.edge_config(name);
+                cluster.spawn(name, "earshot-edge", &config)?;
+            } else {
+                cluster.start_region(name)?;
+            }
         }
-        for port in cluster.region_http.values() {
+        for port in cluster
+            .region_http
+            .values()
+            .chain(cluster.edge_ports.values())
+        {
             wait_ready(*port, Duration::from_secs(20)).await?;
         }
         Ok(cluster)
@@ -206,47 +221,79 @@ impl Cluster {
     /// a kill or stop), logging to `<dir>/logs/<name>.log`. Does not wait
     /// for it to be ready.
     pub fn start_region(&mut self, name: &str) -> anyhow::Result<()> {
+        let config = self.deployment.regional_config(name);
+        self.spawn(name, "earshot-regional", &config)
+    }
+
+    /// Starts a worker-only `earshot-regional` process named `name` for
+    /// `region` (the region's config with `ingress = false`, its own HTTP
+    /// port, `count` workers whose consumer names start with `name`), and
+    /// waits until it is ready. Returns its HTTP port.
+    pub async fn start_worker(
+        &mut self,
+        region: &str,
+        name: &str,
+        count: usize,
+    ) -> anyhow::Result<u16> {
+        let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let spec = self
+            .deployment
+            .regions
+            .iter()
+            .find(|r| r.name == region)
+            .with_context(|| format!("no region {region}"))?;
+        let config = self.deployment.dir.join(format!("worker-{name}.toml"));
+        std::fs::write(
+            &config,
+            self.deployment.worker_toml(spec, name, count, http_port),
+        )?;
+        self.spawn(name, "earshot-regional", &config)?;
+        wait_ready(http_port, Duration::from_secs(20)).await?;
+        Ok(http_port)
+    }
+
+    /// Runs `binary --config <config>` as process `name`, logging to
+    /// `<dir>/logs/<name>.log`.
+    fn spawn(&mut self, name: &str, binary: &str, config: &Path) -> anyhow::Result<()> {
         let logs = self.dir.path().join("logs");
         std::fs::create_dir_all(&logs)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(logs.join(format!("{name}.log")))?;
-        let child = Command::new(assets::binary("earshot-regional")?)
+        let child = Command::new(assets::binary(binary)?)
             .arg("--config")
-            .arg(self.deployment.regional_config(name))
+            .arg(config)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("cannot start earshot-regional for {name}"))?;
+            .with_context(|| format!("cannot start {binary} for {name}"))?;
         self.processes.insert(name.to_owned(), child);
         Ok(())
     }
 
-    /// `kill -9` of region `name`'s process.
-    pub fn kill_region(&mut self, name: &str) -> anyhow::Result<()> {
+    /// `kill -9` of process `name` (a region, edge or worker).
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
         let mut child = self
             .processes
             .remove(name)
-            .with_context(|| format!("region {name} is not running as a process"))?;
+            .with_context(|| format!("{name} is not running as a process"))?;
         child.kill()?;
         child.wait()?;
         Ok(())
     }
 
-    /// SIGTERM to region `name`'s process; waits up to `within` for it to
-    /// exit and returns its status.
-    pub async fn terminate_region(
-        &mut self,
-        name: &str,
-        within: Duration,
-    ) -> anyhow::Result<ExitStatus> {
+    /// SIGTERM to process `name`; waits up to `within` for it to exit and
+    /// returns its status.
+    pub async fn terminate(&mut self, name: &str, within: Duration) -> anyhow::Result<ExitStatus> {
         let mut child = self
             .processes
             .remove(name)
-            .with_context(|| format!("region {name} is not running as a process"))?;
+            .with_context(|| format!("{name} is not running as a process"))?;
         let status = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()?;
@@ -261,14 +308,14 @@ impl Cluster {
             if Instant::now() > deadline {
                 child.kill()?;
                 child.wait()?;
-                bail!("region {name} did not exit within {within:?} of SIGTERM");
+                bail!("{name} did not exit within {within:?} of SIGTERM");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// The log of region `name`'s processes so far.
-    pub fn region_log(&self, name: &str) -> String {
+    /// The log of process `name` so far (every run of it).
+    pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log")))
             .unwrap_or_default()
     }
@@ -286,11 +333,9 @@ impl Cluster {
     pub async fn stop(mut self) -> anyhow::Result<()> {
         let names: Vec<String> = self.processes.keys().cloned().collect();
         for name in names {
-            let status = self
-                .terminate_region(&name, Duration::from_secs(30))
-                .await?;
+            let status = self.terminate(&name, Duration::from_secs(30)).await?;
             if !status.success() {
-                bail!("region {name} exited with {status} on SIGTERM");
+                bail!("{name} exited with {status} on SIGTERM");
             }
         }
         self.shutdown.cancel();

@@ -126,6 +126,15 @@ count = {workers}
         merge_toml(&base, &r.extra)
     }
 
+    /// A worker-only process of region `r`: its config with no ingress,
+    /// `count` workers named `<name>-<i>`, HTTP on `http_port`.
+    pub fn worker_toml(&self, r: &RegionSpec, name: &str, count: usize, http_port: u16) -> String {
+        let only = format!(
+            "ingress = false\nhttp_listen = \"127.0.0.1:{http_port}\"\n[worker]\nname = {name:?}\ncount = {count}\n"
+        );
+        merge_toml(&self.regional_toml(r), &only)
+    }
+
     pub fn edge_toml(&self, e: &EdgeSpec) -> String {
         let c = certs::edge_cert(&self.certs_dir(), &e.name);
         format!(

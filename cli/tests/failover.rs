@@ -1,6 +1,6 @@
-//! Nothing accepted is lost: regions killed (`kill -9`), restarted and
-//! drained (SIGTERM), Redis killed and restarted, and a flood past a
-//! region's queue limit — with spoken audio streamed through a real edge,
+//! Nothing accepted is lost: regions and workers killed (`kill -9`),
+//! regions restarted and drained (SIGTERM), Redis killed and restarted, and
+//! a flood past a region's queue limit — with spoken audio streamed through a real edge,
 //! real QUIC, real Redis (append-only file on) and the built
 //! `earshot-regional` binary. Every utterance is counted: each must get
 //! exactly one final, from a region its session's jurisdiction permits.
@@ -182,7 +182,7 @@ async fn a_killed_region_fails_over_and_every_utterance_gets_exactly_one_final()
     let arrivals = Arrivals::default();
     let sessions = stream_all(&cluster, &speech, 20, &arrivals);
     first_final_arrives(&arrivals, "eu-west").await;
-    cluster.kill_region("eu-west").unwrap();
+    cluster.kill("eu-west").unwrap();
     let killed = Instant::now();
     let per_region = every_utterance_answered_once(sessions, &["eu-west", "eu-central"]).await;
     let to_first = first_final_from(&arrivals, "eu-central", killed);
@@ -217,7 +217,7 @@ async fn a_region_restarted_after_3_s_answers_every_utterance_with_no_error() {
     let arrivals = Arrivals::default();
     let sessions = stream_all(&cluster, &speech, 5, &arrivals);
     first_final_arrives(&arrivals, "eu-west").await;
-    cluster.kill_region("eu-west").unwrap();
+    cluster.kill("eu-west").unwrap();
     let killed = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.start_region("eu-west").unwrap();
@@ -234,6 +234,73 @@ async fn a_region_restarted_after_3_s_answers_every_utterance_with_no_error() {
         metric(&edge_metrics, "earshot_edge_retry_rounds_total").is_some_and(|n| n >= 1.0),
         "utterances waited for the region to come back"
     );
+    cluster.stop().await.unwrap();
+}
+
+/// Entries of the region's stream that `consumer` has read and not yet
+/// acknowledged: the jobs it has in hand.
+fn pending_for(cluster: &Cluster, region: &str, consumer: &str) -> usize {
+    let client = redis::Client::open(cluster.redis[region].url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let reply: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+        .arg(earshot_regional::queue::stream_key(region))
+        .arg(earshot_regional::queue::GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .arg(consumer)
+        .query(&mut conn)
+        .unwrap_or_default();
+    reply.ids.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_has_its_job_taken_over_and_answered_once() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // eu-west's ingress in-process with no workers of its own; its workers
+    // are separate `earshot-regional` processes (`ingress = false`).
+    let mut cluster = Cluster::start(
+        &test_model(),
+        &[RegionPlan {
+            workers: 0,
+            ..region("eu-west", "[worker]\nclaim_idle_ms = 1000\n")
+        }],
+        &[edge(&["eu-west"])],
+    )
+    .await
+    .unwrap();
+    cluster
+        .start_worker("eu-west", "worker-a", 1)
+        .await
+        .unwrap();
+    let speech = speak(&cluster);
+    let arrivals = Arrivals::default();
+    let sessions = stream_all(&cluster, &speech, 5, &arrivals);
+    // Wait until worker-a has a job in hand (read, not acknowledged), then
+    // kill it: that job is mid-recognition.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pending_for(&cluster, "eu-west", "worker-a-0") == 0 {
+        assert!(Instant::now() < deadline, "worker-a took no job in 60 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    cluster.kill("worker-a").unwrap();
+    let in_hand = pending_for(&cluster, "eu-west", "worker-a-0");
+    assert!(in_hand > 0, "worker-a died with no job in hand");
+    let b_http = cluster
+        .start_worker("eu-west", "worker-b", 1)
+        .await
+        .unwrap();
+    let per_region = every_utterance_answered_once(sessions, &["eu-west"]).await;
+    let worker_b = cluster.metrics(b_http).await.unwrap();
+    let claimed = metric(&worker_b, "earshot_regional_jobs_claimed_total").unwrap_or(0.0);
+    println!(
+        "worker-a killed with {in_hand} job(s) in hand; worker-b claimed {claimed}; {per_region:?}"
+    );
+    assert!(
+        claimed >= in_hand as f64,
+        "worker-b took over {claimed} jobs, worker-a had {in_hand} in hand"
+    );
+    assert_eq!(pending_for(&cluster, "eu-west", "worker-a-0"), 0);
     cluster.stop().await.unwrap();
 }
 
@@ -264,12 +331,12 @@ async fn sigterm_drains_a_region_under_load_and_it_exits_0() {
     first_final_arrives(&arrivals, "eu-west").await;
     let began = Instant::now();
     let status = cluster
-        .terminate_region("eu-west", Duration::from_secs(30))
+        .terminate("eu-west", Duration::from_secs(30))
         .await
         .unwrap();
     println!("eu-west drained and exited in {:?}", began.elapsed());
     assert!(status.success(), "exit status {status}");
-    let log = cluster.region_log("eu-west");
+    let log = cluster.log("eu-west");
     assert!(log.contains("regional node stopped"), "{log}");
     every_utterance_answered_once(sessions, &["eu-west", "eu-central"]).await;
     cluster.stop().await.unwrap();

@@ -21,8 +21,15 @@ pub struct RegionalConfig {
     /// Address of the HTTP listener for `/healthz`, `/readyz`, `/metrics`.
     #[serde(default = "default_http")]
     pub http_listen: SocketAddr,
-    /// The region's server certificate and the CA edges must chain to.
-    pub tls: TlsPaths,
+    /// Run the QUIC ingress (the default). `false`, with `worker.count > 0`,
+    /// is a worker-only process: it takes jobs from the region's stream and
+    /// publishes their results, binds no QUIC port and needs no `[tls]`, so
+    /// workers can be scaled, restarted or killed apart from the ingress.
+    #[serde(default = "yes")]
+    pub ingress: bool,
+    /// The region's server certificate and the CA edges must chain to;
+    /// required when the ingress runs.
+    pub tls: Option<TlsPaths>,
     pub redis: RedisConfig,
     pub worker: WorkerConfig,
     #[serde(default)]
@@ -177,6 +184,10 @@ fn d_redis_timeout() -> u64 {
 fn d_workers() -> usize {
     1
 }
+fn yes() -> bool {
+    true
+}
+
 fn d_claim_idle() -> u64 {
     30_000
 }
@@ -207,13 +218,11 @@ impl RegionalConfig {
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {
-        for p in [
-            &mut self.topology,
-            &mut self.tls.cert,
-            &mut self.tls.key,
-            &mut self.tls.ca,
-            &mut self.worker.model,
-        ] {
+        let mut paths = vec![&mut self.topology, &mut self.worker.model];
+        if let Some(tls) = &mut self.tls {
+            paths.extend([&mut tls.cert, &mut tls.key, &mut tls.ca]);
+        }
+        for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -229,6 +238,14 @@ impl RegionalConfig {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if !self.redis.url.starts_with("redis://") && !self.redis.url.starts_with("rediss://") {
             return bad("redis.url must start with redis:// or rediss://");
+        }
+        if self.ingress && self.tls.is_none() {
+            return bad("[tls] is required when the ingress runs (ingress = true, the default)");
+        }
+        if !self.ingress && self.worker.count == 0 {
+            return bad(
+                "ingress = false and worker.count = 0 leave this node nothing to do: run the ingress, workers or both",
+            );
         }
         let l = &self.limits;
         if l.max_audio_seconds == 0 || l.max_audio_seconds > 30 {
@@ -269,5 +286,43 @@ impl RegionalConfig {
 
     pub fn max_audio_bytes(&self) -> usize {
         self.limits.max_audio_seconds as usize * earshot_common::wire::SAMPLE_RATE as usize * 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn parse(text: &str) -> Result<RegionalConfig, ConfigError> {
+        let config: RegionalConfig = toml::from_str(text).unwrap();
+        config.validate().map(|()| config)
+    }
+
+    const BASE: &str = r#"
+region = "eu-west"
+topology = "topology.toml"
+[redis]
+url = "redis://127.0.0.1:6379"
+"#;
+
+    #[test]
+    fn a_worker_only_node_needs_no_tls_but_an_ingress_does() {
+        let worker_only = parse(&format!(
+            "ingress = false\n{BASE}[worker]\nmodel = \"m\"\ncount = 2\n"
+        ))
+        .unwrap();
+        assert!(!worker_only.ingress && worker_only.tls.is_none());
+        let err = parse(&format!("{BASE}[worker]\nmodel = \"m\"\n")).unwrap_err();
+        assert!(err.to_string().contains("[tls] is required"), "{err}");
+    }
+
+    #[test]
+    fn a_node_with_neither_ingress_nor_workers_is_refused() {
+        let err = parse(&format!(
+            "ingress = false\n{BASE}[worker]\nmodel = \"m\"\ncount = 0\n"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("nothing to do"), "{err}");
     }
 }

@@ -62,7 +62,8 @@ pub struct Regional {
     config: RegionalConfig,
     topology: Arc<Topology>,
     metrics: Arc<Metrics>,
-    server: quinn::ServerConfig,
+    /// `None` in a worker-only process.
+    server: Option<quinn::ServerConfig>,
     client: redis::Client,
     redis: ConnectionManager,
     models: Vec<model::ModelSlot>,
@@ -84,6 +85,9 @@ struct HttpState {
     metrics: Arc<Metrics>,
     redis: ConnectionManager,
     router: Arc<ResultRouter>,
+    /// Whether this process runs the ingress (and so needs the result
+    /// subscriber to be ready).
+    ingress: bool,
     shutdown: CancellationToken,
 }
 
@@ -96,11 +100,14 @@ impl Regional {
         if topology.region(&config.region).is_none() {
             return Err(StartError::UnknownRegion(config.region.clone()));
         }
-        let server = earshot_common::tls::server_config(
-            &config.tls,
-            config.limits.max_streams_per_connection,
-            config.quic,
-        )?;
+        let server = match (&config.tls, config.ingress) {
+            (Some(tls), true) => Some(earshot_common::tls::server_config(
+                tls,
+                config.limits.max_streams_per_connection,
+                config.quic,
+            )?),
+            _ => None,
+        };
         let client = redis::Client::open(config.redis.url.as_str())
             .map_err(|e| StartError::Redis(e.to_string()))?;
         let timeout = Duration::from_millis(config.redis.timeout_ms);
@@ -151,14 +158,19 @@ impl Regional {
         })
     }
 
-    /// The UDP address the ingress should listen on.
-    pub fn quic_listen(&self) -> Result<std::net::SocketAddr, StartError> {
+    /// The UDP address the ingress should listen on; `None` in a
+    /// worker-only process (`ingress = false`).
+    pub fn quic_listen(&self) -> Result<Option<std::net::SocketAddr>, StartError> {
+        if self.server.is_none() {
+            return Ok(None);
+        }
         if let Some(addr) = self.config.quic_listen {
-            return Ok(addr);
+            return Ok(Some(addr));
         }
         self.topology
             .region(&self.config.region)
             .and_then(|r| r.quic.parse().ok())
+            .map(Some)
             .ok_or_else(|| StartError::NoListenAddress(self.config.region.clone()))
     }
 
@@ -166,23 +178,32 @@ impl Regional {
         self.metrics.clone()
     }
 
-    /// Serves QUIC on `quic` and HTTP on `http` until shutdown.
+    /// Serves QUIC on `quic` (the ingress; `None` in a worker-only process)
+    /// and HTTP on `http` until shutdown.
     pub async fn serve(
         self,
-        quic: std::net::UdpSocket,
+        quic: Option<std::net::UdpSocket>,
         http: TcpListener,
     ) -> Result<(), StartError> {
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(self.server.clone()),
-            quic,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(StartError::Quic)?;
+        let endpoint = match (&self.server, quic) {
+            (Some(server), Some(socket)) => Some(
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server.clone()),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(StartError::Quic)?,
+            ),
+            (Some(_), None) => {
+                return Err(StartError::NoListenAddress(self.config.region.clone()));
+            }
+            (None, _) => None,
+        };
         let region = self.config.region.clone();
         tracing::info!(
             %region,
-            quic = ?endpoint.local_addr().ok(),
+            quic = ?endpoint.as_ref().and_then(|e| e.local_addr().ok()),
             http = ?http.local_addr().ok(),
             workers = self.models.len(),
             translation_pairs = ?self.translators.pairs(),
@@ -199,12 +220,15 @@ impl Regional {
         let stop_workers = CancellationToken::new();
         let stop_subscriber = CancellationToken::new();
         let stop_http = CancellationToken::new();
-        let subscriber = supervisor.spawn(
-            "result-subscriber",
-            self.router
-                .clone()
-                .run(self.client.clone(), stop_subscriber.clone()),
-        );
+        // Only an ingress waits for results; workers publish them.
+        let subscriber = endpoint.is_some().then(|| {
+            supervisor.spawn(
+                "result-subscriber",
+                self.router
+                    .clone()
+                    .run(self.client.clone(), stop_subscriber.clone()),
+            )
+        });
 
         let stream = queue::stream_key(&region);
         let prefix = self.config.worker.consumer_prefix();
@@ -232,32 +256,35 @@ impl Regional {
         }
 
         let limits = &self.config.limits;
-        let ingress = Arc::new(Ingress {
-            region: region.clone(),
-            topology: self.topology.clone(),
-            metrics: self.metrics.clone(),
-            router: self.router.clone(),
-            redis: self.redis.clone(),
-            stream,
-            queue_limit: self.config.redis.queue_limit,
-            result_ttl: Duration::from_secs(self.config.redis.result_ttl_s),
-            redis_timeout: Duration::from_millis(self.config.redis.timeout_ms),
-            max_audio_bytes: self.config.max_audio_bytes(),
-            result_timeout: Duration::from_millis(limits.result_timeout_ms),
-            max_inflight: limits.max_inflight,
-            inflight: Arc::new(Semaphore::new(limits.max_inflight)),
-            shutdown: self.shutdown.clone(),
+        let ingress_task = endpoint.map(|endpoint| {
+            let ingress = Arc::new(Ingress {
+                region: region.clone(),
+                topology: self.topology.clone(),
+                metrics: self.metrics.clone(),
+                router: self.router.clone(),
+                redis: self.redis.clone(),
+                stream,
+                queue_limit: self.config.redis.queue_limit,
+                result_ttl: Duration::from_secs(self.config.redis.result_ttl_s),
+                redis_timeout: Duration::from_millis(self.config.redis.timeout_ms),
+                max_audio_bytes: self.config.max_audio_bytes(),
+                result_timeout: Duration::from_millis(limits.result_timeout_ms),
+                max_inflight: limits.max_inflight,
+                inflight: Arc::new(Semaphore::new(limits.max_inflight)),
+                shutdown: self.shutdown.clone(),
+            });
+            let drain = Duration::from_millis(limits.drain_timeout_ms);
+            supervisor.spawn(
+                "quic-ingress",
+                ingress.serve(endpoint, limits.max_connections, drain),
+            )
         });
-        let drain = Duration::from_millis(limits.drain_timeout_ms);
-        let ingress_task = supervisor.spawn(
-            "quic-ingress",
-            ingress.serve(endpoint, limits.max_connections, drain),
-        );
 
         let state = HttpState {
             metrics: self.metrics.clone(),
             redis: self.redis.clone(),
             router: self.router.clone(),
+            ingress: ingress_task.is_some(),
             shutdown: self.shutdown.clone(),
         };
         let app = Router::new()
@@ -277,13 +304,17 @@ impl Regional {
 
         self.shutdown.cancelled().await;
         tracing::info!(%region, "draining");
-        let _ = ingress_task.await;
+        if let Some(ingress) = ingress_task {
+            let _ = ingress.await;
+        }
         stop_workers.cancel();
         for w in workers {
             let _ = w.await;
         }
         stop_subscriber.cancel();
-        let _ = subscriber.await;
+        if let Some(subscriber) = subscriber {
+            let _ = subscriber.await;
+        }
         stop_http.cancel();
         let _ = http_task.await;
         if let Some(why) = supervisor.failure() {
@@ -305,7 +336,7 @@ async fn ready(State(s): State<HttpState>) -> Response {
     )
     .await;
     match ping {
-        Ok(Ok(_)) if s.router.is_subscribed() => "ready\n".into_response(),
+        Ok(Ok(_)) if !s.ingress || s.router.is_subscribed() => "ready\n".into_response(),
         Ok(Ok(_)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "result subscriber not connected\n",

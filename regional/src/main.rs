@@ -61,10 +61,11 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_CONFIG);
             }
         };
-        let quic = match std::net::UdpSocket::bind(quic_listen) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("earshot-regional: cannot bind QUIC on {quic_listen}: {e}");
+        let quic = match quic_listen.map(|addr| (addr, std::net::UdpSocket::bind(addr))) {
+            None => None,
+            Some((_, Ok(s))) => Some(s),
+            Some((addr, Err(e))) => {
+                eprintln!("earshot-regional: cannot bind QUIC on {addr}: {e}");
                 return ExitCode::FAILURE;
             }
         };
