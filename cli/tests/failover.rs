@@ -343,6 +343,73 @@ async fn sigterm_drains_a_region_under_load_and_it_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_an_edge_under_load_delivering_every_accepted_utterance() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = Cluster::start_with_processes(
+        &test_model(),
+        &[region("eu-west", ""), region("eu-central", "")],
+        &[edge(&["eu-west", "eu-central"])],
+        &["edge-fra"],
+    )
+    .await
+    .unwrap();
+    let speech = speak(&cluster);
+    let arrivals = Arrivals::default();
+    let started = tokio::time::Instant::now();
+    let sessions = stream_all(&cluster, &speech, 10, &arrivals);
+    first_final_arrives(&arrivals, "eu-west").await;
+    // Midway through the second sentence (the sessions stream in real
+    // time): the drain must cut each session's utterance in progress and
+    // see it answered.
+    let (from, to) = speech.spans[1];
+    tokio::time::sleep_until(started + Duration::from_secs_f64((from + to) / 2.0)).await;
+    let began = Instant::now();
+    let status = cluster
+        .terminate("edge-fra", Duration::from_secs(30))
+        .await
+        .unwrap();
+    println!("edge-fra drained and exited in {:?}", began.elapsed());
+    assert!(status.success(), "exit status {status}");
+    let log = cluster.log("edge-fra");
+    assert!(log.contains("edge stopped"), "{log}");
+    // Each session was closed as going away, after a final for every
+    // utterance the edge had cut (numbered 1..=k, each once) and no error.
+    let mut delivered = 0;
+    for (i, session) in sessions.into_iter().enumerate() {
+        let transcript = session.await.unwrap();
+        assert!(
+            transcript.errors().is_empty(),
+            "session {i}: {:#?}",
+            transcript.errors()
+        );
+        assert_eq!(
+            transcript.close.as_ref().map(|(code, _)| *code),
+            Some(1001),
+            "session {i}"
+        );
+        let numbers: Vec<u32> = transcript.finals().iter().map(|f| f.utterance).collect();
+        let expected: Vec<u32> = (1..=numbers.len() as u32).collect();
+        assert_eq!(numbers, expected, "session {i}: finals by utterance");
+        delivered += numbers.len();
+    }
+    // ...and every final a region produced reached its client: none was
+    // answered and then dropped by the draining edge.
+    let mut answered = 0.0;
+    for region in ["eu-west", "eu-central"] {
+        let text = cluster.metrics(cluster.region_http[region]).await.unwrap();
+        answered += metric(
+            &text,
+            "earshot_regional_utterances_total{outcome=\"final\"}",
+        )
+        .unwrap_or(0.0);
+    }
+    println!("{delivered} finals delivered, {answered} answered by the regions");
+    assert!(delivered > 10, "the drain cut and delivered no utterance");
+    assert_eq!(delivered as f64, answered);
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_past_the_queue_limit_is_refused_busy_and_fails_over() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let cluster = Cluster::start(

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use earshot_common::manifest::{Format, Kind, Quantization, Rollout, Tier};
+use earshot_common::supervise::Supervisor;
 use earshot_common::topology::Topology;
 use earshot_registry::channels::{self, ChannelError};
 use earshot_registry::publish::{self, Progress, PublishError, PublishRequest, Transfer};
@@ -641,20 +642,41 @@ async fn run(args: Args) -> Result<(), Failure> {
             let metrics = Arc::new(SyncMetrics::new());
             let shutdown = CancellationToken::new();
             tokio::spawn(earshot_common::signals::cancel_on_signal(shutdown.clone()));
-            if let Some(addr) = config.http_listen {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("listening on {addr}"))?;
-                tokio::spawn(earshot_registry::sync::serve_http(
-                    listener,
-                    metrics.clone(),
-                    shutdown.clone(),
-                ));
+            let http = match config.http_listen {
+                Some(addr) => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("listening on {addr}"))?,
+                ),
+                None => None,
+            };
+            let agent = Agent::new(config, &registry, metrics.clone())
+                .map_err(|e| Failure(EX_USAGE, e.into()))?;
+            // Both parts run until SIGTERM; one that dies first takes the
+            // other down and the process exits 1 (an orchestrator restarts
+            // it), never a sync loop without its health endpoint or the
+            // reverse.
+            let supervisor = Supervisor::new(shutdown.clone());
+            let http = http.map(|listener| {
+                let shutdown = shutdown.clone();
+                supervisor.spawn("http", async move {
+                    let served =
+                        earshot_registry::sync::serve_http(listener, metrics, shutdown).await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "HTTP server failed");
+                    }
+                })
+            });
+            let sync = supervisor.spawn("sync", agent.run(shutdown.clone()));
+            shutdown.cancelled().await;
+            let _ = sync.await;
+            if let Some(http) = http {
+                let _ = http.await;
             }
-            let agent =
-                Agent::new(config, &registry, metrics).map_err(|e| Failure(EX_USAGE, e.into()))?;
-            agent.run(shutdown).await;
-            Ok(())
+            match supervisor.failure() {
+                Some(why) => Err(Failure(EX_FAILURE, anyhow::anyhow!(why))),
+                None => Ok(()),
+            }
         }
     }
 }
