@@ -5,7 +5,7 @@
 
 CARGO ?= cargo
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint sans-io
 
 setup:
 	./scripts/setup.sh
@@ -16,7 +16,7 @@ demo: setup
 
 # The failover tests run the built earshot-regional binary, and `cargo test`
 # builds only the tested package's own binaries: build them all first.
-test: setup
+test: setup sans-io
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) build --workspace --bins
@@ -24,3 +24,8 @@ test: setup
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The codecs stay sans IO: earshot-proto may not depend on an async runtime.
+sans-io:
+	@if $(CARGO) tree -p earshot-proto -e normal --prefix none | grep -E '^(tokio|mio|async-std|smol|futures-io) '; then \
+		echo "earshot-proto must not depend on an async runtime (above): keep IO in earshot-common"; exit 1; fi

@@ -74,7 +74,7 @@ pub async fn read_channel(
     channel: &str,
 ) -> Result<Option<(Channel, String)>, ChannelError> {
     let (_, store) = registry.home(residency)?;
-    match store.get(&keys::channel(name, channel)).await? {
+    match store.get_document(&keys::channel(name, channel)).await? {
         Some((bytes, etag)) => Ok(Some((
             Channel::from_json(&bytes).map_err(|e| ChannelError::Invalid(e.to_string()))?,
             etag,
@@ -151,7 +151,7 @@ pub async fn rollback(
     for home in registry.homes() {
         if let Some((bytes, etag)) = registry
             .store(home)
-            .get(&keys::channel(name, channel))
+            .get_document(&keys::channel(name, channel))
             .await?
         {
             found = Some((
@@ -196,6 +196,9 @@ async fn swap(
     next: Channel,
     etag: Option<String>,
 ) -> Result<Updated, ChannelError> {
+    // What every reader will check: never write a file they refuse.
+    next.validate()
+        .map_err(|e| ChannelError::Invalid(e.to_string()))?;
     let (_, home) = registry.home(&manifest.residency)?;
     let key = keys::channel(&next.name, &next.channel);
     let body = Bytes::from(next.to_json());

@@ -151,7 +151,7 @@ pub async fn read_manifest(
     version: &str,
 ) -> Result<Option<Manifest>, RegistryError> {
     let key = keys::manifest(name, version);
-    let Some((bytes, _)) = store.get(&key).await? else {
+    let Some((bytes, _)) = store.get_document(&key).await? else {
         return Ok(None);
     };
     let manifest = Manifest::from_json(&bytes).map_err(|e| RegistryError::BadManifest {

@@ -204,7 +204,7 @@ async fn copy_channels(
     targets: &[&Region],
 ) -> Result<(), ReplicateError> {
     for listed in home.list(&format!("channels/{name}/")).await? {
-        let Some((bytes, _)) = home.get(&listed.key).await? else {
+        let Some((bytes, _)) = home.get_document(&listed.key).await? else {
             continue;
         };
         let Ok(channel) = earshot_common::manifest::Channel::from_json(&bytes) else {
@@ -223,7 +223,7 @@ async fn copy_channels(
             }
             let dest = registry.store(target);
             let same = dest
-                .get(&listed.key)
+                .get_document(&listed.key)
                 .await?
                 .is_some_and(|(b, _)| b == bytes);
             if !same {

@@ -134,7 +134,7 @@ async fn fill(
             s.versions.push(format!("{model}@{version}"));
         }
         for listed in store.list(&format!("channels/{model}/")).await? {
-            if let Some((bytes, _)) = store.get(&listed.key).await?
+            if let Some((bytes, _)) = store.get_document(&listed.key).await?
                 && let Ok(c) = Channel::from_json(&bytes)
             {
                 s.channels.push(c);
@@ -142,7 +142,7 @@ async fn fill(
         }
     }
     for listed in store.list("status/nodes/").await? {
-        if let Some((bytes, _)) = store.get(&listed.key).await?
+        if let Some((bytes, _)) = store.get_document(&listed.key).await?
             && let Ok(node) = serde_json::from_slice::<NodeStatus>(&bytes)
             && name.is_none_or(|n| node.model == n)
         {

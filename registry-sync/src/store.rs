@@ -211,6 +211,23 @@ impl Store {
 
     /// The object and its ETag, or `None` if it does not exist.
     pub async fn get(&self, key: &str) -> Result<Option<(Bytes, String)>, StoreError> {
+        self.get_limited(key, None).await
+    }
+
+    /// A registry document (manifest, channel, status) and its ETag, or
+    /// `None` if it does not exist; one larger than
+    /// [`MAX_DOCUMENT_BYTES`](earshot_common::manifest::MAX_DOCUMENT_BYTES)
+    /// is refused before its body is read.
+    pub async fn get_document(&self, key: &str) -> Result<Option<(Bytes, String)>, StoreError> {
+        self.get_limited(key, Some(earshot_common::manifest::MAX_DOCUMENT_BYTES))
+            .await
+    }
+
+    async fn get_limited(
+        &self,
+        key: &str,
+        limit: Option<usize>,
+    ) -> Result<Option<(Bytes, String)>, StoreError> {
         match self
             .client
             .get_object()
@@ -221,6 +238,18 @@ impl Store {
         {
             Ok(out) => {
                 let etag = out.e_tag().unwrap_or_default().to_owned();
+                if let Some(limit) = limit
+                    && let Some(len) = out.content_length().filter(|l| *l as u64 > limit as u64)
+                {
+                    return Err(StoreError::S3 {
+                        bucket: self.bucket.clone(),
+                        key: key.to_owned(),
+                        status: None,
+                        message: format!(
+                            "{len} bytes is larger than the {limit}-byte limit for a registry document"
+                        ),
+                    });
+                }
                 let body = out.body.collect().await.map_err(|e| StoreError::S3 {
                     bucket: self.bucket.clone(),
                     key: key.to_owned(),

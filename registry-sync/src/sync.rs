@@ -252,7 +252,7 @@ impl Agent {
         }
         let Some((bytes, _)) = self
             .store
-            .get(&keys::channel(&self.config.model, channel))
+            .get_document(&keys::channel(&self.config.model, channel))
             .await?
         else {
             return Ok(None);

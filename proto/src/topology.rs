@@ -178,13 +178,27 @@ pub struct Topology {
     registry: Option<Registry>,
 }
 
+/// The most bytes a topology file may have (a planet's is a few KiB).
+pub const MAX_TOPOLOGY_BYTES: usize = 1 << 20;
+
 impl Topology {
     /// Reads and validates a topology file.
     pub fn load(path: &Path) -> Result<Self, TopologyError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TopologyError::Read {
+        use std::io::Read;
+        let read_err = |reason: String| TopologyError::Read {
             path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
+        let mut text = String::new();
+        file.take(MAX_TOPOLOGY_BYTES as u64 + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| read_err(e.to_string()))?;
+        if text.len() > MAX_TOPOLOGY_BYTES {
+            return Err(read_err(format!(
+                "larger than the {MAX_TOPOLOGY_BYTES}-byte limit for a topology file"
+            )));
+        }
         Self::from_toml_str(&text)
     }
 

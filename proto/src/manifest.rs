@@ -97,6 +97,11 @@ pub struct Manifest {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// The most bytes a manifest or channel file may have; larger ones are
+/// refused before they are parsed (and by the registry before they are
+/// downloaded).
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
+
 /// Residency value meaning "may be stored and run anywhere".
 pub const GLOBAL: &str = "global";
 
@@ -116,6 +121,23 @@ pub enum ManifestError {
     DuplicateFile(String),
     #[error("manifest lists no files")]
     NoFiles,
+    #[error(
+        "{0} bytes is larger than the {MAX_DOCUMENT_BYTES}-byte limit for a manifest or channel file"
+    )]
+    TooLarge(usize),
+}
+
+const NAME_RULE: &str = "use 1-63 lowercase letters, digits and '-', starting with a letter";
+const VERSION_RULE: &str = "use 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit";
+
+/// A field that failed its rule; the value is cut to 80 characters, so a
+/// hostile file cannot make its error message large.
+fn invalid(what: &'static str, value: &str, rule: &'static str) -> ManifestError {
+    ManifestError::Invalid {
+        what,
+        value: value.chars().take(80).collect(),
+        rule,
+    }
 }
 
 /// Model names: DNS-label-like, as they become key and path parts.
@@ -153,6 +175,9 @@ fn is_hex_sha256(s: &str) -> bool {
 
 impl Manifest {
     pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_DOCUMENT_BYTES {
+            return Err(ManifestError::TooLarge(bytes.len()));
+        }
         let m: Manifest =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Parse(e.to_string()))?;
         m.validate()?;
@@ -167,27 +192,14 @@ impl Manifest {
 
     /// Checks names, paths, hashes and residency syntax.
     pub fn validate(&self) -> Result<(), ManifestError> {
-        let invalid = |what, value: &str, rule| ManifestError::Invalid {
-            what,
-            value: value.to_owned(),
-            rule,
-        };
         if self.schema != MANIFEST_SCHEMA {
             return Err(ManifestError::Schema(self.schema));
         }
         if !is_valid_model_name(&self.name) {
-            return Err(invalid(
-                "name",
-                &self.name,
-                "use lowercase letters, digits and '-'",
-            ));
+            return Err(invalid("name", &self.name, NAME_RULE));
         }
         if !is_valid_version(&self.version) {
-            return Err(invalid(
-                "version",
-                &self.version,
-                "use 1-64 of A-Z a-z 0-9 . _ -",
-            ));
+            return Err(invalid("version", &self.version, VERSION_RULE));
         }
         if self.residency != GLOBAL && !crate::topology::is_valid_name(&self.residency) {
             return Err(invalid(
@@ -265,19 +277,50 @@ pub struct Channel {
 
 impl Channel {
     pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_DOCUMENT_BYTES {
+            return Err(ManifestError::TooLarge(bytes.len()));
+        }
         let c: Channel =
             serde_json::from_slice(bytes).map_err(|e| ManifestError::Parse(e.to_string()))?;
         if c.schema != MANIFEST_SCHEMA {
             return Err(ManifestError::Schema(c.schema));
         }
-        if c.rollout.percent > 100 {
-            return Err(ManifestError::Invalid {
-                what: "rollout percent",
-                value: c.rollout.percent.to_string(),
-                rule: "0 to 100",
-            });
-        }
+        c.validate()?;
         Ok(c)
+    }
+
+    /// Checks every field that becomes a path or a key (model name,
+    /// channel, versions, regions) by the same rules as the topology's
+    /// names, so a crafted channel file cannot point outside the registry
+    /// or the models directory.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if !is_valid_model_name(&self.name) {
+            return Err(invalid("model name", &self.name, NAME_RULE));
+        }
+        if !crate::topology::is_valid_name(&self.channel) {
+            return Err(invalid("channel", &self.channel, NAME_RULE));
+        }
+        for version in std::iter::once(&self.version).chain(&self.previous) {
+            if !is_valid_version(version) {
+                return Err(invalid("version", version, VERSION_RULE));
+            }
+        }
+        if let Some(region) = self
+            .rollout
+            .regions
+            .iter()
+            .find(|r| !crate::topology::is_valid_name(r))
+        {
+            return Err(invalid("rollout region", region, NAME_RULE));
+        }
+        if self.rollout.percent > 100 {
+            return Err(invalid(
+                "rollout percent",
+                &self.rollout.percent.to_string(),
+                "0 to 100",
+            ));
+        }
+        Ok(())
     }
 
     pub fn to_json(&self) -> Vec<u8> {
