@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use earshot_cli::client::{self, StreamOptions, Transcript};
 use earshot_cli::speech::{self, Speech};
 use earshot_common::client::ServerMessage;
-use support::{Cluster, EdgePlan, RegionPlan, metric, test_model};
+use support::{Cluster, EdgePlan, RegionPlan, http_get, metric, test_model};
 
 const SENTENCES: [&str; 3] = [
     "The quick brown fox jumps over the lazy dog.",
@@ -184,10 +184,27 @@ async fn a_killed_region_fails_over_and_every_utterance_gets_exactly_one_final()
     first_final_arrives(&arrivals, "eu-west").await;
     cluster.kill("eu-west").unwrap();
     let killed = Instant::now();
+    // Failure detection: how soon the edge's breaker for eu-west opens
+    // (the edge noticed the region is gone and stops sending there).
+    let edge_http = cluster.edge_ports["edge-fra"];
+    let detected = {
+        tokio::spawn(async move {
+            let series = "earshot_edge_breaker_opened_total{region=\"eu-west\"}";
+            while killed.elapsed() < Duration::from_secs(30) {
+                let text = http_get(edge_http, "/metrics").await.unwrap_or_default();
+                if metric(&text, series).is_some_and(|n| n >= 1.0) {
+                    return Some(killed.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            None
+        })
+    };
     let per_region = every_utterance_answered_once(sessions, &["eu-west", "eu-central"]).await;
     let to_first = first_final_from(&arrivals, "eu-central", killed);
     println!(
-        "kill -9 of eu-west: first final from eu-central {:?} after the kill; finals per region {per_region:?}",
+        "kill -9 of eu-west: breaker open {:?} and first final from eu-central {:?} after the kill; finals per region {per_region:?}",
+        detected.await.unwrap(),
         to_first
     );
     assert!(

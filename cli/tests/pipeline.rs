@@ -130,6 +130,7 @@ async fn spoken_sentences_come_back_as_ordered_finals_from_the_region() {
     // entries from its stream; and the text is what the same model says
     // about that segment when run directly.
     let pcm = speech.pcm_bytes();
+    support::region_settled(&cluster, "eu-west", speech::ENGLISH.len() as f64).await;
     let model = WhisperModel::load(&model_dir, EncoderWindow::default()).unwrap();
     let redis = redis::Client::open(cluster.redis["eu-west"].url()).unwrap();
     let mut conn = redis.get_connection().unwrap();

@@ -21,7 +21,7 @@ use earshot_regional::worker::{self, WorkerContext};
 use futures::StreamExt;
 use redis::Commands;
 use sha2::{Digest, Sha256};
-use support::{Cluster, EdgePlan, RegionPlan, metric};
+use support::{Cluster, EdgePlan, RegionPlan, metric, stream_len};
 use tokio_util::sync::CancellationToken;
 
 async fn cluster() -> Cluster {
@@ -204,12 +204,6 @@ async fn collect_answers(
         answers.insert(payload[0], frame);
     }
     answers
-}
-
-fn stream_len(cluster: &Cluster, region: &str) -> usize {
-    let client = redis::Client::open(cluster.redis[region].url()).unwrap();
-    let mut conn = client.get_connection().unwrap();
-    conn.xlen(queue::stream_key(region)).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,10 +526,7 @@ async fn a_retried_utterance_is_answered_from_its_first_attempt_not_transcribed_
         .collect();
     assert_eq!(finals[0], finals[1]);
     assert_eq!(finals[0], finals[2]);
-    let metrics = cluster
-        .metrics(cluster.region_http["eu-west"])
-        .await
-        .unwrap();
+    let metrics = support::region_settled(&cluster, "eu-west", 1.0).await;
     let count = |series: &str| metric(&metrics, series).unwrap_or(0.0);
     assert_eq!(
         count("earshot_regional_jobs_total{outcome=\"final\"}"),

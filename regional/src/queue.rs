@@ -13,9 +13,10 @@
 //!   and adds atomically (one Lua script): a retry of an answered utterance
 //!   gets the stored answer, a retry of a queued one waits for the same job
 //!   (its channel replaces the old one), and only a new key adds an entry.
-//! - Results: a worker stores the answer in the hash and `PUBLISH`es
-//!   `request id (16 bytes) ‖ wire frame` on the channel the hash names
-//!   ([`store_result`], one script). Each ingress process has one channel
+//! - Results: a worker `PUBLISH`es `request id (16 bytes) ‖ wire frame`
+//!   on the channel the hash names, then stores the answer in the hash
+//!   ([`store_result`], two scripts: the first writes nothing, so it is not
+//!   held behind an fsync). Each ingress process has one channel
 //!   and one subscriber connection for all its requests ([`ResultRouter`]),
 //!   so Redis connections do not grow with clients; a waiting ingress also
 //!   reads the hash now and then, so a result published while it was not
@@ -286,16 +287,34 @@ pub async fn enqueue(
 
 /// KEYS: record. ARGV: the wire frame, request id, TTL seconds, fallback
 /// channel (the job's own `reply`, for a record that expired).
+/// Publishes an answer to the ingress the record names (else the job's
+/// own): reads and `PUBLISH` only, so with `appendfsync always` the waiting
+/// ingress is not held behind an fsync.
+const NOTIFY_RESULT: &str = r"
+local reply = redis.call('HGET', KEYS[1], 'reply')
+if not reply then reply = ARGV[3] end
+redis.call('PUBLISH', reply, ARGV[2] .. ARGV[1])
+return reply
+";
+
+/// Keeps the answer under the utterance's key; publishes it again only if
+/// a retry moved the record to another ingress since it was notified.
 const STORE_RESULT: &str = r"
 redis.call('HSET', KEYS[1], 'result', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local reply = redis.call('HGET', KEYS[1], 'reply')
-if not reply then reply = ARGV[4] end
-return redis.call('PUBLISH', reply, ARGV[2] .. ARGV[1])
+if reply and reply ~= ARGV[4] then
+  redis.call('PUBLISH', reply, ARGV[2] .. ARGV[1])
+end
+return 1
 ";
 
-/// Stores an utterance's answer under its key and publishes it to the
-/// ingress waiting for it now.
+/// Answers an utterance: publishes the answer to the ingress waiting for
+/// it (first, so the answer does not wait for the write to be made
+/// durable), then stores it under the utterance's key for retries. A
+/// worker that dies between the two has not acknowledged the entry: it is
+/// answered again by another worker, and an ingress that already answered
+/// drops the second copy (`results_unrouted`).
 pub async fn store_result(
     conn: &mut redis::aio::ConnectionManager,
     region: &str,
@@ -303,14 +322,24 @@ pub async fn store_result(
     frame: &[u8],
     result_ttl: Duration,
 ) -> redis::RedisResult<()> {
-    static SCRIPT: std::sync::LazyLock<redis::Script> =
+    static NOTIFY: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(NOTIFY_RESULT));
+    static STORE: std::sync::LazyLock<redis::Script> =
         std::sync::LazyLock::new(|| redis::Script::new(STORE_RESULT));
-    let _: i64 = SCRIPT
-        .key(utterance_key(region, &job.header))
+    let key = utterance_key(region, &job.header);
+    let notified: String = NOTIFY
+        .key(&key)
+        .arg(frame)
+        .arg(&job.request[..])
+        .arg(&job.reply)
+        .invoke_async(conn)
+        .await?;
+    let _: i64 = STORE
+        .key(&key)
         .arg(frame)
         .arg(&job.request[..])
         .arg(result_ttl.as_secs().max(1))
-        .arg(&job.reply)
+        .arg(notified)
         .invoke_async(conn)
         .await?;
     Ok(())

@@ -60,3 +60,31 @@ pub async fn single(edge_extra: &'static str) -> Cluster {
 pub async fn start(regions: &[RegionPlan], edges: &[EdgePlan]) -> Cluster {
     Cluster::start(&test_model(), regions, edges).await.unwrap()
 }
+
+/// Entries in `region`'s utterance stream: queued or in progress.
+pub fn stream_len(cluster: &Cluster, region: &str) -> usize {
+    let client = redis::Client::open(cluster.redis[region].url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    redis::Commands::xlen(&mut conn, earshot_regional::queue::stream_key(region)).unwrap()
+}
+
+/// Waits (up to 10 s) until `region`'s workers have answered at least
+/// `finals` jobs and its stream is empty, and returns its metrics then. A
+/// worker publishes an answer before it stores it, acknowledges the entry
+/// and counts the job, so a client can hold its final before all three.
+pub async fn region_settled(cluster: &Cluster, region: &str, finals: f64) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = cluster.metrics(cluster.region_http[region]).await.unwrap();
+        let counted = metric(&text, "earshot_regional_jobs_total{outcome=\"final\"}");
+        if counted.is_some_and(|n| n >= finals) && stream_len(cluster, region) == 0 {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{region}: {counted:?} finals counted, {} entries left after 10 s",
+            stream_len(cluster, region)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
