@@ -102,12 +102,13 @@ pub struct Liveness {
 }
 
 impl Default for Liveness {
-    /// A dead peer is noticed within a second; a live one costs a
-    /// keep-alive packet every 250 ms of silence.
+    /// A dead peer is noticed in 0.8 s (with 1 s, measured detection sat
+    /// at 1.00 s: on the bound, not under it); a live one costs a
+    /// keep-alive packet every 200 ms of silence, four per idle timeout.
     fn default() -> Self {
         Liveness {
-            keep_alive_ms: 250,
-            idle_timeout_ms: 1_000,
+            keep_alive_ms: 200,
+            idle_timeout_ms: 800,
         }
     }
 }
