@@ -314,6 +314,20 @@ impl Cluster {
         }
     }
 
+    /// Process `name`'s resident memory now and at its peak (`VmRSS`,
+    /// `VmHWM`), in KiB, from `/proc`.
+    pub fn memory_kib(&self, name: &str) -> Option<(u64, u64)> {
+        let pid = self.processes.get(name)?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
     /// The log of process `name` so far (every run of it).
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log")))

@@ -429,16 +429,20 @@ async fn sigterm_drains_an_edge_under_load_delivering_every_accepted_utterance()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_past_the_queue_limit_is_refused_busy_and_fails_over() {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let cluster = Cluster::start(
+    // The edge and the flooded region are processes, so their memory can
+    // be read.
+    let cluster = Cluster::start_with_processes(
         &test_model(),
         &[
             region("eu-west", "[redis]\nqueue_limit = 1\n"),
             region("eu-central", ""),
         ],
         &[edge(&["eu-west", "eu-central"])],
+        &["edge-fra", "eu-west"],
     )
     .await
     .unwrap();
+    let idle = ["edge-fra", "eu-west"].map(|p| cluster.memory_kib(p).unwrap().0);
     let speech = speak(&cluster);
     // Twelve sessions at once, as fast as the edge reads: a burst of
     // utterances far past eu-west's limit of one queued.
@@ -467,7 +471,15 @@ async fn a_flood_past_the_queue_limit_is_refused_busy_and_fails_over() {
         "earshot_regional_utterances_total{outcome=\"busy\"}",
     )
     .unwrap_or(0.0);
-    println!("flood: {busy} busy refusals at eu-west; finals per region {per_region:?}");
+    let peak = ["edge-fra", "eu-west"].map(|p| cluster.memory_kib(p).unwrap().1);
+    println!(
+        "flood: {busy} busy refusals at eu-west; finals per region {per_region:?}; \
+         resident memory idle -> peak: edge-fra {} -> {} MiB, eu-west {} -> {} MiB",
+        idle[0] / 1024,
+        peak[0] / 1024,
+        idle[1] / 1024,
+        peak[1] / 1024
+    );
     assert!(busy >= 1.0, "eu-west refused none of the burst");
     assert!(per_region.get("eu-central").is_some_and(|n| *n > 0));
     cluster.stop().await.unwrap();
