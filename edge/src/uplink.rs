@@ -280,12 +280,13 @@ impl Uplink {
             // No permitted region took it: wait for the first breaker to let
             // a probe through (or back off), within the budget.
             self.metrics.retry_rounds.inc();
-            let wait = next_probe
-                .map_or_else(
+            let wait = retry_wait(
+                next_probe.map_or_else(
                     || backoff.next_delay(),
                     |t| t.saturating_duration_since(now),
-                )
-                .clamp(Duration::from_millis(10), deadline - now);
+                ),
+                deadline - now,
+            );
             tokio::time::sleep(wait).await;
         }
     }
@@ -457,5 +458,28 @@ impl Uplink {
     pub async fn close(&self) {
         self.endpoint.close(0u32.into(), b"edge shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// How long a retry round waits: until the next probe (or the backoff's
+/// delay), at least 10 ms so a round never spins, and never past the
+/// budget `left` (which may itself be under 10 ms).
+fn retry_wait(until_next: Duration, left: Duration) -> Duration {
+    until_next.max(Duration::from_millis(10)).min(left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_waits_at_least_10_ms_and_never_past_the_budget() {
+        let ms = Duration::from_millis;
+        assert_eq!(retry_wait(ms(0), ms(500)), ms(10));
+        assert_eq!(retry_wait(ms(200), ms(500)), ms(200));
+        assert_eq!(retry_wait(ms(900), ms(500)), ms(500));
+        // Less than 10 ms of budget left: wait that, do not panic.
+        assert_eq!(retry_wait(ms(200), ms(3)), ms(3));
+        assert_eq!(retry_wait(ms(0), ms(0)), ms(0));
     }
 }
