@@ -513,9 +513,11 @@ async fn a_retried_utterance_is_answered_from_its_first_attempt_not_transcribed_
     let connection = connect(&cluster, &tls, "eu-west").await.unwrap();
     let bytes = utterance(&header("eu", "edge-fra"), &[0u8; 32_000]);
     // Two attempts at once (an edge that gave up on the first and retried
-    // on a new stream), then a third after the answer.
+    // on a new stream), then a third once the answer is stored (the worker
+    // publishes it first, then stores it and acknowledges the entry).
     let (first, second) =
         tokio::join!(exchange(&connection, &bytes), exchange(&connection, &bytes));
+    support::region_settled(&cluster, "eu-west", 1.0).await;
     let third = exchange(&connection, &bytes).await;
     let finals: Vec<_> = [first, second, third]
         .into_iter()
@@ -526,7 +528,10 @@ async fn a_retried_utterance_is_answered_from_its_first_attempt_not_transcribed_
         .collect();
     assert_eq!(finals[0], finals[1]);
     assert_eq!(finals[0], finals[2]);
-    let metrics = support::region_settled(&cluster, "eu-west", 1.0).await;
+    let metrics = cluster
+        .metrics(cluster.region_http["eu-west"])
+        .await
+        .unwrap();
     let count = |series: &str| metric(&metrics, series).unwrap_or(0.0);
     assert_eq!(
         count("earshot_regional_jobs_total{outcome=\"final\"}"),
