@@ -338,6 +338,20 @@ async fn redis_killed_and_restarted_mid_stream_loses_no_utterance() {
     cluster.stop().await.unwrap();
 }
 
+/// SIGTERM to process `name`: it drains, logs `stopped` and exits 0
+/// within 30 s; prints how long it took.
+async fn terminated_cleanly(cluster: &mut Cluster, name: &str, stopped: &str) {
+    let began = Instant::now();
+    let status = cluster
+        .terminate(name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    println!("{name} drained and exited in {:?}", began.elapsed());
+    assert!(status.success(), "{name}: exit status {status}");
+    let log = cluster.log(name);
+    assert!(log.contains(stopped), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_region_under_load_and_it_exits_0() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -346,15 +360,7 @@ async fn sigterm_drains_a_region_under_load_and_it_exits_0() {
     let arrivals = Arrivals::default();
     let sessions = stream_all(&cluster, &speech, 10, &arrivals);
     first_final_arrives(&arrivals, "eu-west").await;
-    let began = Instant::now();
-    let status = cluster
-        .terminate("eu-west", Duration::from_secs(30))
-        .await
-        .unwrap();
-    println!("eu-west drained and exited in {:?}", began.elapsed());
-    assert!(status.success(), "exit status {status}");
-    let log = cluster.log("eu-west");
-    assert!(log.contains("regional node stopped"), "{log}");
+    terminated_cleanly(&mut cluster, "eu-west", "regional node stopped").await;
     every_utterance_answered_once(sessions, &["eu-west", "eu-central"]).await;
     cluster.stop().await.unwrap();
 }
@@ -380,15 +386,7 @@ async fn sigterm_drains_an_edge_under_load_delivering_every_accepted_utterance()
     // see it answered.
     let (from, to) = speech.spans[1];
     tokio::time::sleep_until(started + Duration::from_secs_f64((from + to) / 2.0)).await;
-    let began = Instant::now();
-    let status = cluster
-        .terminate("edge-fra", Duration::from_secs(30))
-        .await
-        .unwrap();
-    println!("edge-fra drained and exited in {:?}", began.elapsed());
-    assert!(status.success(), "exit status {status}");
-    let log = cluster.log("edge-fra");
-    assert!(log.contains("edge stopped"), "{log}");
+    terminated_cleanly(&mut cluster, "edge-fra", "edge stopped").await;
     // Each session was closed as going away, after a final for every
     // utterance the edge had cut (numbered 1..=k, each once) and no error.
     let mut delivered = 0;
