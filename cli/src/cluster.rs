@@ -207,12 +207,14 @@ impl Cluster {
                 cluster.start_region(name)?;
             }
         }
-        for port in cluster
+        let nodes: Vec<(String, u16)> = cluster
             .region_http
-            .values()
-            .chain(cluster.edge_ports.values())
-        {
-            wait_ready(*port, Duration::from_secs(20)).await?;
+            .iter()
+            .chain(cluster.edge_ports.iter())
+            .map(|(name, port)| (name.clone(), *port))
+            .collect();
+        for (name, port) in nodes {
+            cluster.wait_node_ready(&name, port).await?;
         }
         Ok(cluster)
     }
@@ -250,8 +252,37 @@ impl Cluster {
             self.deployment.worker_toml(spec, name, count, http_port),
         )?;
         self.spawn(name, "earshot-regional", &config)?;
-        wait_ready(http_port, Duration::from_secs(20)).await?;
+        self.wait_node_ready(name, http_port).await?;
         Ok(http_port)
+    }
+
+    /// Waits until node `name` answers `/readyz` on `port` with 200. When
+    /// `name` runs as a process, a process that exits first, or one not
+    /// ready in [`READY_WITHIN`], fails with the end of its log (a port
+    /// already taken, a config error) instead of a bare timeout.
+    pub async fn wait_node_ready(&mut self, name: &str, port: u16) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            if demo::http_status(port, "/readyz").await.ok() == Some(200) {
+                return Ok(());
+            }
+            if let Some(child) = self.processes.get_mut(name)
+                && let Some(status) = child.try_wait()?
+            {
+                self.processes.remove(name);
+                bail!(
+                    "{name} exited ({status}) before it was ready; its log ends:\n{}",
+                    log_tail(&self.log(name), 20)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} (port {port}) not ready within {READY_WITHIN:?}; its log ends:\n{}",
+                    log_tail(&self.log(name), 20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs `binary --config <config>` as process `name`, logging to
@@ -362,17 +393,18 @@ impl Cluster {
     }
 }
 
-/// Polls `/readyz` until it answers 200: for a region, subscribed to Redis
-/// and able to take utterances.
-pub async fn wait_ready(port: u16, within: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    while demo::http_status(port, "/readyz").await.ok() != Some(200) {
-        if Instant::now() > deadline {
-            bail!("node on port {port} not ready within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// How long a node may take to answer `/readyz` (for a region: subscribed
+/// to Redis, its model loaded). CI once saw a region process miss a 20 s
+/// limit, with no log to say why; the log's tail now comes with the error.
+pub const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// The last `lines` lines of `log` ("(empty)" when there are none).
+pub fn log_tail(log: &str, lines: usize) -> String {
+    let all: Vec<&str> = log.lines().collect();
+    if all.is_empty() {
+        return "(empty)".into();
     }
-    Ok(())
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A whole HTTP/1.0 response, headers included.

@@ -223,44 +223,76 @@ impl Store {
             .await
     }
 
+    /// A body that breaks off mid-way (seen once under load against the
+    /// embedded server while the same key was being replaced) is read
+    /// again, up to [`BODY_ATTEMPTS`] times: a GET has no side effects.
     async fn get_limited(
         &self,
         key: &str,
         limit: Option<usize>,
     ) -> Result<Option<(Bytes, String)>, StoreError> {
-        match self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(out) => {
-                let etag = out.e_tag().unwrap_or_default().to_owned();
-                if let Some(limit) = limit
-                    && let Some(len) = out.content_length().filter(|l| *l as u64 > limit as u64)
-                {
+        let mut backoff = earshot_common::retry::Backoff::new(
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_millis(500),
+        );
+        let mut attempt = 1;
+        loop {
+            match self.get_once(key, limit).await {
+                Ok(done) => return done,
+                Err(broken) if attempt < BODY_ATTEMPTS => {
+                    tracing::warn!(bucket = %self.bucket, %key, %broken, attempt, "body broke off; reading again");
+                    attempt += 1;
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(broken) => {
                     return Err(StoreError::S3 {
                         bucket: self.bucket.clone(),
                         key: key.to_owned(),
                         status: None,
-                        message: format!(
-                            "{len} bytes is larger than the {limit}-byte limit for a registry document"
-                        ),
+                        message: format!("reading body ({BODY_ATTEMPTS} attempts): {broken}"),
                     });
                 }
-                let body = out.body.collect().await.map_err(|e| StoreError::S3 {
-                    bucket: self.bucket.clone(),
-                    key: key.to_owned(),
-                    status: None,
-                    message: format!("reading body: {e}"),
-                })?;
-                Ok(Some((body.into_bytes(), etag)))
             }
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-            Err(e) => Err(self.err(key, e)),
         }
+    }
+
+    /// One GET; the outer error is a body that broke off (worth reading
+    /// again), the inner result everything else.
+    async fn get_once(
+        &self,
+        key: &str,
+        limit: Option<usize>,
+    ) -> Result<Result<Option<(Bytes, String)>, StoreError>, String> {
+        Ok(
+            match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(out) => {
+                    let etag = out.e_tag().unwrap_or_default().to_owned();
+                    if let Some(limit) = limit
+                        && let Some(len) = out.content_length().filter(|l| *l as u64 > limit as u64)
+                    {
+                        return Ok(Err(StoreError::S3 {
+                            bucket: self.bucket.clone(),
+                            key: key.to_owned(),
+                            status: None,
+                            message: format!(
+                                "{len} bytes is larger than the {limit}-byte limit for a registry document"
+                            ),
+                        }));
+                    }
+                    let body = out.body.collect().await.map_err(|e| error_chain(&e))?;
+                    Ok(Some((body.into_bytes(), etag)))
+                }
+                Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+                Err(e) => Err(self.err(key, e)),
+            },
+        )
     }
 
     /// Size and ETag, or `None` if it does not exist.
@@ -438,7 +470,7 @@ impl Store {
             bucket: self.bucket.clone(),
             key: key.to_owned(),
             status: None,
-            message: format!("reading body: {e}"),
+            message: format!("reading body: {}", error_chain(&e)),
         })? {
             size += chunk.len() as u64;
             if size > max_size {
@@ -569,4 +601,19 @@ impl Store {
             .map_err(|e| self.err(key, e))?;
         Ok(())
     }
+}
+
+/// How many times a GET whose body broke off is tried.
+const BODY_ATTEMPTS: u32 = 3;
+
+/// `e` and its sources, joined: "streaming error" alone does not say why.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
