@@ -23,6 +23,7 @@ use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use earshot_common::supervise::Supervisor;
 use earshot_common::topology::Topology;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -52,6 +53,15 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// Why a running edge stopped other than by its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error("{0}")]
+    PartDied(String),
 }
 
 /// State shared by every session of one edge.
@@ -152,14 +162,30 @@ impl Edge {
 
     /// Serves until the shutdown token fires, then waits (bounded by the
     /// drain timeout) for sessions to deliver their pending finals.
-    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
+    ///
+    /// The HTTP server is a supervised task: if it dies, the edge's
+    /// shutdown starts (readiness goes false, sessions drain) and this
+    /// returns [`ServeError::PartDied`], so the process exits non-zero.
+    /// Sessions are tracked tasks, each in its own span, drained here.
+    pub async fn serve(self, listener: TcpListener) -> Result<(), ServeError> {
         let inner = self.inner.clone();
-        let addr = listener.local_addr()?;
+        let addr = listener.local_addr().map_err(ServeError::Io)?;
         tracing::info!(%addr, edge = %inner.name, regions = ?inner.regions, "edge listening");
+        let supervisor = Supervisor::new(inner.shutdown.clone());
         let shutdown = inner.shutdown.clone();
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await?;
+        let router = self.router();
+        let http = supervisor.spawn("http", async move {
+            let stop = shutdown.clone();
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        inner.shutdown.cancelled().await;
+        tracing::info!(edge = %inner.name, "draining");
+        let _ = http.await;
         inner.tracker.close();
         let drain = Duration::from_millis(inner.config.limits.drain_timeout_ms + 3_000);
         if tokio::time::timeout(drain, inner.tracker.wait())
@@ -169,6 +195,9 @@ impl Edge {
             tracing::warn!("sessions did not finish within the drain timeout");
         }
         inner.uplink.close().await;
+        if let Some(why) = supervisor.failure() {
+            return Err(ServeError::PartDied(why));
+        }
         tracing::info!("edge stopped");
         Ok(())
     }
