@@ -14,3 +14,4 @@ pub mod demo;
 pub mod deploy;
 pub mod redis_server;
 pub mod speech;
+pub mod verify;

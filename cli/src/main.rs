@@ -45,6 +45,22 @@ enum Cmd {
         #[arg(long)]
         realtime: bool,
     },
+    /// Check the residency receipts of finals (JSON lines of server
+    /// messages, as `earshot listen` prints them; `-` reads standard input)
+    /// against the CA and the topology. Exit status 0: every final verified;
+    /// 1: one or more did not (each is listed with its code).
+    Verify {
+        file: PathBuf,
+        /// PEM file of the deployment's CA.
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long, env = "EARSHOT_TOPOLOGY")]
+        topology: PathBuf,
+        /// Check every final against this session jurisdiction (default:
+        /// the one in the `session` message before it).
+        #[arg(long)]
+        jurisdiction: Option<String>,
+    },
     /// Generate development TLS certificates for every node of a topology.
     Certs {
         #[arg(long)]
@@ -305,6 +321,47 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
                     workdir,
                 },
         } => bench::registry::run(size_mib, poll_ms, &workdir).await,
+        Cmd::Verify {
+            file,
+            ca,
+            topology,
+            jurisdiction,
+        } => {
+            let topology = std::sync::Arc::new(Topology::load(&topology)?);
+            let verifier = earshot_common::receipt::ReceiptVerifier::load(&ca, topology)?;
+            let report = if file.as_os_str() == "-" {
+                earshot_cli::verify::verify(
+                    &verifier,
+                    std::io::stdin().lock(),
+                    jurisdiction.as_deref(),
+                )?
+            } else {
+                let f = std::fs::File::open(&file)
+                    .with_context(|| format!("cannot open {}", file.display()))?;
+                earshot_cli::verify::verify(
+                    &verifier,
+                    std::io::BufReader::new(f),
+                    jurisdiction.as_deref(),
+                )?
+            };
+            for r in &report.rejected {
+                println!("line {}: {}: {}", r.line, r.code, r.message);
+            }
+            println!(
+                "{} finals: {} verified, {} failed",
+                report.finals,
+                report.verified,
+                report.rejected.len()
+            );
+            if report.rejected.is_empty() {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "{} finals did not verify",
+                    report.rejected.len()
+                ))
+            }
+        }
         Cmd::Certs { topology, out } => {
             let topology = Topology::load(&topology)?;
             certs::generate(&topology, &out)?;

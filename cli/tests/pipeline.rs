@@ -15,7 +15,7 @@ use earshot_cli::speech::{self, Speech};
 use earshot_common::client::{ClientErrorCode, ServerMessage, hex};
 use futures::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
-use support::metric;
+use support::{EdgePlan, RegionPlan, metric};
 use tokio_tungstenite::tungstenite::Message;
 
 const SENTENCES: [&str; 3] = [
@@ -663,4 +663,129 @@ async fn a_running_region_answers_with_a_newly_promoted_model_version() {
     );
     cluster.stop().await.unwrap();
     local.s3.stop().await;
+}
+
+/// Runs the built `earshot verify` on `lines` (JSON lines of server
+/// messages); returns its exit success and what it printed.
+fn earshot_verify(cluster: &Cluster, lines: &[String], extra: &[&str]) -> (bool, String) {
+    let file = cluster
+        .dir
+        .path()
+        .join(format!("finals-{}.jsonl", uuid::Uuid::new_v4()));
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let out = std::process::Command::new(earshot_cli::assets::binary("earshot").unwrap())
+        .arg("verify")
+        .arg(&file)
+        .arg("--ca")
+        .arg(earshot_cli::certs::ca_path(&cluster.deployment.certs_dir()))
+        .arg("--topology")
+        .arg(cluster.deployment.topology_path())
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Residency you can verify: every final carries its region's signed
+/// receipt, and `earshot verify` (the CA and the topology, nothing else)
+/// accepts an EU session's finals from eu-west and a US session's from
+/// us-east, but not the US finals checked as an EU session's, nor a final
+/// whose text was changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_final_carries_a_receipt_that_earshot_verify_checks() {
+    let cluster = support::start(
+        &[
+            RegionPlan {
+                name: "eu-west",
+                jurisdiction: "eu",
+                workers: 1,
+                extra: "",
+            },
+            RegionPlan {
+                name: "us-east",
+                jurisdiction: "us",
+                workers: 1,
+                extra: "",
+            },
+        ],
+        &[
+            EdgePlan {
+                name: "edge-fra",
+                jurisdiction: "eu",
+                regions: &["eu-west"],
+                extra: "",
+            },
+            EdgePlan {
+                name: "edge-iad",
+                jurisdiction: "us",
+                regions: &["us-east"],
+                extra: "",
+            },
+        ],
+    )
+    .await;
+    let speech = speech::synthesize(&SENTENCES[..2], 1.5, 0.5, cluster.dir.path()).unwrap();
+    let eu = stream(&cluster.listen_url("edge-fra", ""), &speech).await;
+    let us = stream(&cluster.listen_url("edge-iad", ""), &speech).await;
+    let lines = |t: &Transcript| {
+        t.messages
+            .iter()
+            .map(ServerMessage::to_json)
+            .collect::<Vec<_>>()
+    };
+
+    for (t, region, jurisdiction) in [(&eu, "eu-west", "eu"), (&us, "us-east", "us")] {
+        assert_eq!(t.finals().len(), 2, "{:?}", t.errors());
+        for f in t.finals() {
+            let r = f.receipt.as_ref().expect("a final without a receipt");
+            assert_eq!(r.claims.region, region);
+            assert_eq!(r.claims.region_jurisdiction, jurisdiction);
+            assert_eq!(r.claims.session_jurisdiction, jurisdiction);
+            assert_eq!(r.claims.audio_sha256, f.audio_sha256);
+            assert_eq!(r.claims.model_sha256.len(), 64);
+        }
+        let (ok, out) = earshot_verify(&cluster, &lines(t), &[]);
+        assert!(ok, "{out}");
+        assert!(out.contains("2 finals: 2 verified, 0 failed"), "{out}");
+    }
+    let edge = cluster
+        .metrics(cluster.edge_ports["edge-fra"])
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &edge,
+            "earshot_edge_receipts_total{region=\"eu-west\",outcome=\"verified\"}"
+        ),
+        Some(2.0)
+    );
+
+    // us-east's finals, checked as an EU session's: refused.
+    let (ok, out) = earshot_verify(&cluster, &lines(&us), &["--jurisdiction", "eu"]);
+    assert!(!ok);
+    assert!(out.contains("session_jurisdiction"), "{out}");
+    assert!(out.contains("0 verified, 2 failed"), "{out}");
+
+    // One EU final's text changed after the fact: that line fails.
+    let mut edited = lines(&eu);
+    let second = edited
+        .iter()
+        .rposition(|l| l.contains("\"type\":\"final\""))
+        .unwrap();
+    let ServerMessage::Final(mut f) = serde_json::from_str(&edited[second]).unwrap() else {
+        unreachable!()
+    };
+    f.text = "Nothing was said here.".into();
+    edited[second] = ServerMessage::Final(f).to_json();
+    let (ok, out) = earshot_verify(&cluster, &edited, &[]);
+    assert!(!ok);
+    assert!(
+        out.contains(&format!("line {}: text_tampered", second + 1)),
+        "{out}"
+    );
+    assert!(out.contains("1 verified, 1 failed"), "{out}");
+    cluster.stop().await.unwrap();
 }

@@ -519,10 +519,16 @@ async fn a_retried_utterance_is_answered_from_its_first_attempt_not_transcribed_
         tokio::join!(exchange(&connection, &bytes), exchange(&connection, &bytes));
     support::region_settled(&cluster, "eu-west", 1.0).await;
     let third = exchange(&connection, &bytes).await;
+    // The same final each time; only its receipt is signed anew (its time
+    // and ECDSA's random nonce differ).
     let finals: Vec<_> = [first, second, third]
         .into_iter()
         .map(|f| match f {
-            Ok(Frame::Final(f)) => f,
+            Ok(Frame::Final(mut f)) => {
+                let receipt = f.receipt.take().expect("a final without a receipt");
+                assert_eq!(receipt.claims.utterance, f.utterance);
+                f
+            }
             other => panic!("expected a final, got {other:?}"),
         })
         .collect();

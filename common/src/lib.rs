@@ -7,6 +7,7 @@
 
 pub use earshot_proto::{audio, client, manifest, topology, wire};
 
+pub mod receipt;
 pub mod retry;
 pub mod signals;
 pub mod supervise;

@@ -23,6 +23,7 @@ use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use earshot_common::receipt::ReceiptVerifier;
 use earshot_common::supervise::Supervisor;
 use earshot_common::topology::Topology;
 use tokio::net::TcpListener;
@@ -75,6 +76,9 @@ pub struct EdgeInner {
     pub uplink: Arc<Uplink>,
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<Semaphore>,
+    /// Checks each final's receipt (against the CA and topology) before it
+    /// reaches the client.
+    pub receipts: ReceiptVerifier,
     pub shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -105,6 +109,7 @@ impl Edge {
             .clone();
         let permitted = topology.permitted_regions(&edge.name)?;
         let client = earshot_common::tls::client_config(&config.tls, config.quic)?;
+        let receipts = ReceiptVerifier::load(&config.tls.ca, Arc::new(topology.clone()))?;
         let metrics = Arc::new(Metrics::new());
         let region_names: Vec<String> = permitted.iter().map(|r| r.name.clone()).collect();
         metrics.init_series(&region_names);
@@ -136,6 +141,7 @@ impl Edge {
                 jurisdiction: edge.jurisdiction.clone(),
                 regions: region_names,
                 sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
+                receipts,
                 config,
                 vad: Arc::new(vad),
                 uplink: Arc::new(uplink),

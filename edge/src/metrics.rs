@@ -22,6 +22,12 @@ pub struct RegionOutcome {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReceiptLabel {
+    pub region: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RegionLabel {
     pub region: String,
 }
@@ -45,6 +51,7 @@ pub struct Metrics {
     pub breaker_opened: Family<RegionLabel, Counter>,
     pub failovers: Family<RegionLabel, Counter>,
     pub retry_rounds: Counter,
+    pub receipts: Family<ReceiptLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -69,6 +76,7 @@ impl Metrics {
             breaker_opened: Family::default(),
             failovers: Family::default(),
             retry_rounds: Counter::default(),
+            receipts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -127,6 +135,11 @@ impl Metrics {
             "Times an utterance found no permitted region able to take it and waited to try them again",
             m.retry_rounds.clone(),
         );
+        registry.register(
+            "receipts",
+            "Finals' receipts checked before delivery, by region and outcome (verified, or the failure code: the final is withheld)",
+            m.receipts.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -173,6 +186,12 @@ impl Metrics {
             let _ = self.region_breaker.get_or_create(&label);
             let _ = self.breaker_opened.get_or_create(&label);
             let _ = self.failovers.get_or_create(&label);
+            for outcome in ["verified", "missing", "residency_violation"] {
+                let _ = self.receipts.get_or_create(&ReceiptLabel {
+                    region: region.clone(),
+                    outcome,
+                });
+            }
         }
     }
 

@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::EdgeInner;
 use crate::endpoint::{Endpointer, Segment};
-use crate::metrics::{CodeLabel, RegionLabel, RegionOutcome};
+use crate::metrics::{CodeLabel, ReceiptLabel, RegionLabel, RegionOutcome};
 use crate::uplink::{Answer, UplinkError};
 use crate::vad::{VadStream, WINDOW};
 
@@ -617,7 +617,12 @@ impl Session {
                     }
                     None => None,
                 };
-                let msg = ServerMessage::Final(FinalMessage {
+                let receipt = answer
+                    .fin
+                    .receipt
+                    .as_deref()
+                    .map(|r| Box::new(earshot_common::receipt::to_message(r)));
+                let final_message = FinalMessage {
                     utterance: outcome.number,
                     text: answer.fin.text,
                     region: answer.region,
@@ -638,8 +643,22 @@ impl Session {
                         .params
                         .words
                         .then(|| in_session(answer.fin.words, seconds(outcome.segment.start))),
-                });
-                self.send(socket, msg).await?;
+                    receipt,
+                };
+                if let Err(why) = self.check_receipt(&final_message) {
+                    let mut msg = ErrorMessage::new(
+                        ClientErrorCode::UtteranceFailed,
+                        format!(
+                            "region {}'s final was withheld: {why}",
+                            final_message.region
+                        ),
+                        false,
+                    );
+                    msg.utterance = Some(outcome.number);
+                    return self.send(socket, ServerMessage::Error(msg)).await;
+                }
+                self.send(socket, ServerMessage::Final(final_message))
+                    .await?;
                 if let Some(t) = translation {
                     self.send(socket, t).await?;
                 }
@@ -693,6 +712,42 @@ impl Session {
                 self.send(socket, ServerMessage::Error(msg)).await
             }
         }
+    }
+
+    /// The receipt on `fin` verifies against the CA and topology, for a
+    /// session of this edge's jurisdiction, and names this session; every
+    /// outcome is counted. A final that fails is not delivered.
+    fn check_receipt(&self, fin: &FinalMessage) -> Result<(), String> {
+        let checked = self
+            .edge
+            .receipts
+            .verify(fin, Some(&self.edge.jurisdiction))
+            .map_err(|f| (f.code(), f.to_string()))
+            .and_then(|()| {
+                let claims = fin.receipt.as_ref().map(|r| &r.claims);
+                match claims {
+                    Some(c) if c.session == self.id.to_string() && c.edge == self.edge.name => {
+                        Ok(())
+                    }
+                    _ => Err(("mismatch", "the receipt names another session".to_owned())),
+                }
+            });
+        let outcome = match &checked {
+            Ok(()) => "verified",
+            Err((code, _)) => *code,
+        };
+        self.edge
+            .metrics
+            .receipts
+            .get_or_create(&ReceiptLabel {
+                region: fin.region.clone(),
+                outcome,
+            })
+            .inc();
+        checked.map_err(|(code, why)| {
+            tracing::error!(region = %fin.region, %code, %why, "final withheld: its receipt does not verify");
+            why
+        })
     }
 
     async fn send_error(

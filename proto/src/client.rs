@@ -66,6 +66,11 @@ pub struct FinalMessage {
     /// of the session's audio), from the alignment heads' cross-attention.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub words: Option<Vec<SegmentMessage>>,
+    /// What the region signed for this final: where it was made, for which
+    /// session, from which audio and model, and the text's hash
+    /// (`earshot verify` checks it; docs/protocol.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<Box<crate::receipt::ReceiptMessage>>,
 }
 
 /// A stretch of a final's text between two of Whisper's timestamps, or one
@@ -306,6 +311,7 @@ mod tests {
                 end: 1.75,
                 text: "hi".into(),
             }]),
+            receipt: None,
         });
         assert_eq!(
             m.to_json(),

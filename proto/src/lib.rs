@@ -11,5 +11,6 @@
 pub mod audio;
 pub mod client;
 pub mod manifest;
+pub mod receipt;
 pub mod topology;
 pub mod wire;

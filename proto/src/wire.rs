@@ -89,6 +89,24 @@ pub struct Final {
     /// The transcript's words, when the header asked for them (a trailing
     /// section after the segments, encoded only when not empty).
     pub words: Vec<Segment>,
+    /// SHA-256 of the model version that made the text (its manifest), set
+    /// by the worker; a trailing section after the words.
+    pub model_sha256: Option<[u8; 32]>,
+    /// The region's signed receipt, added by its ingress; the last
+    /// trailing section.
+    pub receipt: Option<Box<Receipt>>,
+}
+
+/// A region's signed residency receipt for one final (see
+/// [`crate::receipt`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub claims: crate::receipt::Claims,
+    /// TLS `SignatureScheme` code (one of [`crate::receipt::SCHEMES`]).
+    pub scheme: u16,
+    pub signature: Vec<u8>,
+    /// The region's certificate, DER.
+    pub certificate: Vec<u8>,
 }
 
 /// A stretch of a transcript (a segment, or one word); times in
@@ -254,6 +272,11 @@ pub enum FrameError {
         len: usize,
         max: usize,
     },
+    #[error(
+        "a final's receipt claims are not valid (JSON with exactly the documented fields, at most {} bytes)",
+        crate::receipt::MAX_CLAIMS_BYTES
+    )]
+    InvalidReceipt,
 }
 
 /// Decodes one frame from the front of `buf`, consuming it. `Ok(None)` means
@@ -351,6 +374,8 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
             },
             segments: r.spans("segment")?,
             words: r.spans("word")?,
+            model_sha256: r.model_digest()?,
+            receipt: r.receipt()?,
         }),
         T_ERROR => Frame::Error(WireError {
             utterance: r.u32("utterance")?,
@@ -412,6 +437,49 @@ impl Reader {
                 })
             })
             .collect()
+    }
+
+    /// The optional model digest section: a flag byte, then 32 bytes when
+    /// it is 1.
+    fn model_digest(&mut self) -> Result<Option<[u8; 32]>, FrameError> {
+        if !self.buf.has_remaining() {
+            return Ok(None);
+        }
+        match self.u8("model digest flag")? {
+            0 => Ok(None),
+            1 => Ok(Some(self.array("model digest")?)),
+            other => Err(FrameError::InvalidFlag {
+                what: "model digest",
+                value: other,
+            }),
+        }
+    }
+
+    /// The optional receipt section: claims JSON (str16), scheme (u16),
+    /// signature and certificate (u16-length bytes each).
+    fn receipt(&mut self) -> Result<Option<Box<Receipt>>, FrameError> {
+        if !self.buf.has_remaining() {
+            return Ok(None);
+        }
+        let what = "receipt";
+        let len = self.u16(what)? as usize;
+        self.need(len, what)?;
+        let json = self.buf.split_to(len);
+        let claims =
+            crate::receipt::Claims::from_json(&json).map_err(|_| FrameError::InvalidReceipt)?;
+        let scheme = self.u16(what)?;
+        let len = self.u16(what)? as usize;
+        self.need(len, what)?;
+        let signature = self.buf.split_to(len).to_vec();
+        let len = self.u16(what)? as usize;
+        self.need(len, what)?;
+        let certificate = self.buf.split_to(len).to_vec();
+        Ok(Some(Box::new(Receipt {
+            claims,
+            scheme,
+            signature,
+            certificate,
+        })))
     }
 
     fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
@@ -508,11 +576,45 @@ impl Frame {
                         put_str16(&mut body, reason);
                     }
                 }
-                if !f.segments.is_empty() || !f.words.is_empty() {
+                // Trailing sections are positional: each is written when
+                // it or a later one is present, so a final without them is
+                // the same bytes as before they existed.
+                let last = if f.receipt.is_some() {
+                    4
+                } else if f.model_sha256.is_some() {
+                    3
+                } else if !f.words.is_empty() {
+                    2
+                } else if !f.segments.is_empty() {
+                    1
+                } else {
+                    0
+                };
+                if last >= 1 {
                     put_spans(&mut body, &f.segments, "segments")?;
                 }
-                if !f.words.is_empty() {
+                if last >= 2 {
                     put_spans(&mut body, &f.words, "words")?;
+                }
+                if last >= 3 {
+                    match &f.model_sha256 {
+                        None => body.put_u8(0),
+                        Some(digest) => {
+                            body.put_u8(1);
+                            body.put_slice(digest);
+                        }
+                    }
+                }
+                if let Some(receipt) = &f.receipt {
+                    let claims = serde_json::to_vec(&receipt.claims)
+                        .map_err(|_| FrameError::InvalidReceipt)?;
+                    if claims.len() > crate::receipt::MAX_CLAIMS_BYTES {
+                        return Err(FrameError::InvalidReceipt);
+                    }
+                    put_bytes16(&mut body, &claims, "receipt claims")?;
+                    body.put_u16(receipt.scheme);
+                    put_bytes16(&mut body, &receipt.signature, "receipt signature")?;
+                    put_bytes16(&mut body, &receipt.certificate, "receipt certificate")?;
                 }
             }
             Frame::Error(e) => {
@@ -539,6 +641,18 @@ fn put_str8(dst: &mut BytesMut, s: &str, what: &'static str) -> Result<(), Frame
     })?;
     dst.put_u8(len);
     dst.put_slice(s.as_bytes());
+    Ok(())
+}
+
+/// Bytes with a u16 length prefix.
+fn put_bytes16(dst: &mut BytesMut, bytes: &[u8], what: &'static str) -> Result<(), FrameError> {
+    let len = u16::try_from(bytes.len()).map_err(|_| FrameError::StringTooLong {
+        what,
+        len: bytes.len(),
+        max: u16::MAX as usize,
+    })?;
+    dst.put_u16(len);
+    dst.put_slice(bytes);
     Ok(())
 }
 
@@ -797,6 +911,8 @@ mod tests {
             translation: None,
             segments: Vec::new(),
             words: Vec::new(),
+            model_sha256: None,
+            receipt: None,
         };
         let mut expected = vec![0, 0, 0, 66, 0x10, 0, 0, 0, 1];
         expected.extend([1; 32]);
@@ -859,7 +975,7 @@ mod tests {
                 end_ms: 1_500,
                 text: "hé".into(),
             }],
-            ..fin
+            ..fin.clone()
         };
         let mut spoken = expected.clone();
         spoken[3] += 19;
@@ -868,6 +984,57 @@ mod tests {
         ]);
         assert_eq!(bytes_of(&Frame::Final(worded.clone())), spoken);
         assert_eq!(decode_all(&spoken), Ok(Some(Frame::Final(worded))));
+        // A model digest alone: empty segment and word sections, flag 1,
+        // the 32 bytes.
+        let digested = Final {
+            model_sha256: Some([7; 32]),
+            ..fin.clone()
+        };
+        let mut hashed = expected.clone();
+        hashed[3] += 4 + 1 + 32;
+        hashed.extend([0, 0, 0, 0, 1]);
+        hashed.extend([7; 32]);
+        assert_eq!(bytes_of(&Frame::Final(digested.clone())), hashed);
+        assert_eq!(decode_all(&hashed), Ok(Some(Frame::Final(digested))));
+        // A receipt without a digest: flag 0 for the digest, then the
+        // claims' JSON, the scheme and two byte strings.
+        let claims = crate::receipt::Claims {
+            region: "r".into(),
+            region_jurisdiction: "eu".into(),
+            session: "s".into(),
+            session_jurisdiction: "eu".into(),
+            edge: "e".into(),
+            utterance: 1,
+            model: "m@1".into(),
+            model_sha256: String::new(),
+            audio_sha256: String::new(),
+            text_sha256: String::new(),
+            issued_at_ms: 5,
+        };
+        let json = serde_json::to_vec(&claims).unwrap();
+        let signed = Final {
+            receipt: Some(Box::new(Receipt {
+                claims,
+                scheme: 0x0403,
+                signature: vec![0xaa, 0xbb],
+                certificate: vec![0xcc],
+            })),
+            ..fin.clone()
+        };
+        let mut receipted = expected.clone();
+        receipted.extend([0, 0, 0, 0, 0]);
+        receipted.extend((json.len() as u16).to_be_bytes());
+        receipted.extend(&json);
+        receipted.extend([0x04, 0x03, 0, 2, 0xaa, 0xbb, 0, 1, 0xcc]);
+        let len = (receipted.len() - 4) as u32;
+        receipted[..4].copy_from_slice(&len.to_be_bytes());
+        assert_eq!(bytes_of(&Frame::Final(signed.clone())), receipted);
+        assert_eq!(decode_all(&receipted), Ok(Some(Frame::Final(signed))));
+        // Claims that are not the documented JSON are refused.
+        let mut forged = receipted.clone();
+        let at = expected.len() + 5 + 2;
+        forged[at] = b'[';
+        assert_eq!(decode_all(&forged), Err(FrameError::InvalidReceipt));
         // A count the body does not hold is an error, not a short list.
         let mut short = expected.clone();
         short[3] += 2;

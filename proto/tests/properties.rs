@@ -15,10 +15,11 @@ use earshot_proto::manifest::{
     Channel, FileEntry, Format, Kind, Lineage, Manifest, Quantization, Rollout, Tier,
     is_valid_file_path, is_valid_model_name, is_valid_version,
 };
+use earshot_proto::receipt::{Claims, ReceiptMessage};
 use earshot_proto::topology::{Topology, is_valid_name};
 use earshot_proto::wire::{
-    Assembler, ErrorCode, Final, Frame, FrameError, Header, MAX_FRAME_LEN, Segment, Translated,
-    Translation, WireError, decode,
+    Assembler, ErrorCode, Final, Frame, FrameError, Header, MAX_FRAME_LEN, Receipt, Segment,
+    Translated, Translation, WireError, decode,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -95,14 +96,19 @@ fn final_frame() -> impl Strategy<Value = Final> {
         (any::<u32>(), text(300), text(60), text(60)),
         (any::<[u8; 32]>(), any::<u32>(), any::<u32>()),
         (text(10), -1.0f32..=1.0f32, translated()),
-        (vec(span(), 0..4), vec(span(), 0..4)),
+        (
+            vec(span(), 0..4),
+            vec(span(), 0..4),
+            proptest::option::of(any::<[u8; 32]>()),
+            proptest::option::of(receipt().prop_map(Box::new)),
+        ),
     )
         .prop_map(
             |(
                 (utterance, text, region, model),
                 (audio_sha256, queue_us, inference_us),
                 (language, language_probability, translation),
-                (segments, words),
+                (segments, words, model_sha256, receipt),
             )| Final {
                 utterance,
                 text,
@@ -116,6 +122,44 @@ fn final_frame() -> impl Strategy<Value = Final> {
                 translation,
                 segments,
                 words,
+                model_sha256,
+                receipt,
+            },
+        )
+}
+
+fn receipt() -> impl Strategy<Value = Receipt> {
+    (
+        (text(20), text(20), text(40), text(20), text(20)),
+        (any::<u32>(), text(30), text(64), any::<u64>()),
+        (
+            any::<u16>(),
+            vec(any::<u8>(), 0..100),
+            vec(any::<u8>(), 0..600),
+        ),
+    )
+        .prop_map(
+            |(
+                (region, region_jurisdiction, session, session_jurisdiction, edge),
+                (utterance, model, digest, issued_at_ms),
+                (scheme, signature, certificate),
+            )| Receipt {
+                claims: Claims {
+                    region,
+                    region_jurisdiction,
+                    session,
+                    session_jurisdiction,
+                    edge,
+                    utterance,
+                    model,
+                    model_sha256: digest.clone(),
+                    audio_sha256: digest.clone(),
+                    text_sha256: digest,
+                    issued_at_ms,
+                },
+                scheme,
+                signature,
+                certificate,
             },
         )
 }
@@ -312,6 +356,12 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
             (
                 proptest::option::of(vec(segment_message(), 0..3)),
                 proptest::option::of(vec(segment_message(), 0..3)),
+                proptest::option::of(receipt().prop_map(|r| Box::new(ReceiptMessage {
+                    claims: r.claims,
+                    scheme: "ed25519".into(),
+                    signature: "c2ln".into(),
+                    certificate: "Y2VydA==".into(),
+                }))),
             ),
         )
             .prop_map(
@@ -319,7 +369,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                     (utterance, text, region, model, audio_sha256),
                     (start, end, latency_ms, queue_ms, inference_ms),
                     (language, language_probability),
-                    (segments, words),
+                    (segments, words, receipt),
                 )| {
                     ServerMessage::Final(FinalMessage {
                         utterance,
@@ -336,6 +386,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                         language_probability,
                         segments,
                         words,
+                        receipt,
                     })
                 },
             ),

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use earshot_common::receipt::ReceiptSigner;
 use earshot_common::topology::Topology;
 use earshot_common::wire::{self, Assembler, ErrorCode, Frame, Utterance, WireError};
 use redis::aio::ConnectionManager;
@@ -49,6 +50,8 @@ pub struct Ingress {
     pub result_timeout: Duration,
     pub max_inflight: usize,
     pub inflight: Arc<Semaphore>,
+    /// Signs each final's receipt.
+    pub signer: Option<Arc<ReceiptSigner>>,
     pub shutdown: CancellationToken,
 }
 
@@ -136,8 +139,14 @@ impl Ingress {
             Ok(Ok(utterance)) => {
                 let span = tracing::info_span!("utterance", utterance = utterance.header.utterance);
                 let n = utterance.header.utterance;
+                let header = utterance.header.clone();
                 match self.handle(utterance).instrument(span).await {
-                    Ok(frame) => (frame, "final"),
+                    Ok(frame) => match self.signed(&header, frame) {
+                        Ok(frame) => (frame, "final"),
+                        Err(message) => {
+                            (error_frame(n, ErrorCode::InferenceFailed, message), "error")
+                        }
+                    },
                     Err((code, message, outcome)) => (error_frame(n, code, message), outcome),
                 }
             }
@@ -166,6 +175,32 @@ impl Ingress {
         }
         let _ = send.finish();
         let _ = recv.stop(0u32.into());
+    }
+
+    /// `frame` (a final) with this region's receipt for the utterance
+    /// `header` opened. A final is never sent unsigned: a signing failure
+    /// (none seen; the key was loaded at start) answers with an error.
+    fn signed(&self, header: &wire::Header, frame: Frame) -> Result<Frame, String> {
+        let (mut fin, signer) = match (frame, &self.signer) {
+            (Frame::Final(fin), Some(signer)) => (fin, signer),
+            (frame, _) => return Ok(frame),
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        match signer.sign(header, &fin, now_ms) {
+            Ok(receipt) => {
+                fin.receipt = Some(Box::new(receipt));
+                Ok(Frame::Final(fin))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign a receipt");
+                Err(format!(
+                    "region {} could not sign the final's receipt",
+                    self.region
+                ))
+            }
+        }
     }
 
     /// Reads `Header, Audio*, End` from the stream.

@@ -64,6 +64,9 @@ pub struct Regional {
     metrics: Arc<Metrics>,
     /// `None` in a worker-only process.
     server: Option<quinn::ServerConfig>,
+    /// Signs a receipt for every final the ingress sends (with the key of
+    /// its TLS certificate); `None` in a worker-only process.
+    signer: Option<Arc<earshot_common::receipt::ReceiptSigner>>,
     client: redis::Client,
     redis: ConnectionManager,
     models: Vec<model::ModelSlot>,
@@ -100,13 +103,26 @@ impl Regional {
         if topology.region(&config.region).is_none() {
             return Err(StartError::UnknownRegion(config.region.clone()));
         }
-        let server = match (&config.tls, config.ingress) {
-            (Some(tls), true) => Some(earshot_common::tls::server_config(
-                tls,
-                config.limits.max_streams_per_connection,
-                config.quic,
-            )?),
-            _ => None,
+        let (server, signer) = match (&config.tls, config.ingress) {
+            (Some(tls), true) => {
+                let jurisdiction = topology
+                    .region(&config.region)
+                    .map(|r| r.jurisdiction.clone())
+                    .unwrap_or_default();
+                (
+                    Some(earshot_common::tls::server_config(
+                        tls,
+                        config.limits.max_streams_per_connection,
+                        config.quic,
+                    )?),
+                    Some(Arc::new(earshot_common::receipt::ReceiptSigner::load(
+                        tls,
+                        &config.region,
+                        &jurisdiction,
+                    )?)),
+                )
+            }
+            _ => (None, None),
         };
         let client = redis::Client::open(config.redis.url.as_str())
             .map_err(|e| StartError::Redis(e.to_string()))?;
@@ -149,6 +165,7 @@ impl Regional {
             topology,
             metrics,
             server,
+            signer,
             client,
             redis,
             models,
@@ -271,6 +288,7 @@ impl Regional {
                 result_timeout: Duration::from_millis(limits.result_timeout_ms),
                 max_inflight: limits.max_inflight,
                 inflight: Arc::new(Semaphore::new(limits.max_inflight)),
+                signer: self.signer.clone(),
                 shutdown: self.shutdown.clone(),
             });
             let drain = Duration::from_millis(limits.drain_timeout_ms);

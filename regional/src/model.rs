@@ -23,6 +23,7 @@ pub struct ModelSlot {
     source: PathBuf,
     model: WhisperModel,
     id: String,
+    digest: [u8; 32],
 }
 
 impl std::fmt::Debug for ModelSlot {
@@ -51,6 +52,46 @@ pub fn model_id(dir: &Path, fixed: Option<&str>) -> String {
         .unwrap_or_else(|| "whisper".into())
 }
 
+/// What a final's receipt names as the model's digest: SHA-256 of the
+/// version's `manifest.json` (which holds every file's SHA-256, checked by
+/// the sync agent on download), or, for a directory without one, of a
+/// listing of its files' names and SHA-256s.
+pub fn model_digest(dir: &Path) -> Result<[u8; 32], AsrError> {
+    use sha2::{Digest, Sha256};
+    let read_err = |path: &Path, e: std::io::Error| AsrError::Read {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    };
+    let manifest = dir.join(MANIFEST_FILE);
+    match std::fs::read(&manifest) {
+        Ok(bytes) => return Ok(Sha256::digest(&bytes).into()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(read_err(&manifest, e)),
+        Err(_) => {}
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| read_err(dir, e))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut listing = Sha256::new();
+    for path in files {
+        let mut file = std::fs::File::open(&path).map_err(|e| read_err(&path, e))?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher).map_err(|e| read_err(&path, e))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        listing.update(format!(
+            "{name}\0{}\n",
+            earshot_common::receipt::hex(&hasher.finalize())
+        ));
+    }
+    Ok(listing.finalize().into())
+}
+
 fn resolve(path: &Path) -> Result<PathBuf, AsrError> {
     std::fs::canonicalize(path).map_err(|e| AsrError::Read {
         path: path.to_owned(),
@@ -67,6 +108,7 @@ impl ModelSlot {
         let source = resolve(path)?;
         let model = WhisperModel::load(&source, window)?;
         Ok(ModelSlot {
+            digest: model_digest(&source)?,
             id: model_id(&source, fixed_id.as_deref()),
             path: path.to_owned(),
             window,
@@ -80,6 +122,11 @@ impl ModelSlot {
         &self.id
     }
 
+    /// See [`model_digest`].
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
     /// Loads the model `path` now resolves to, if that changed. Returns the
     /// outcome of a reload, `None` when nothing changed.
     pub fn refresh(&mut self) -> Option<Result<String, AsrError>> {
@@ -88,9 +135,12 @@ impl ModelSlot {
             Ok(s) => s,
             Err(e) => return Some(Err(e)),
         };
-        Some(WhisperModel::load(&source, self.window).map(|model| {
+        let loaded = WhisperModel::load(&source, self.window)
+            .and_then(|model| Ok((model, model_digest(&source)?)));
+        Some(loaded.map(|(model, digest)| {
             self.id = model_id(&source, self.fixed_id.as_deref());
             self.model = model;
+            self.digest = digest;
             self.source = source;
             self.id.clone()
         }))

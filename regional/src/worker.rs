@@ -495,7 +495,7 @@ async fn recognize(
     ctx: &WorkerContext,
     model: &SharedModel,
     admitted: &[Admitted],
-) -> (BatchResults, String, Duration) {
+) -> (BatchResults, (String, [u8; 32]), Duration) {
     let jobs: Vec<Job> = admitted.iter().map(|a| a.job.clone()).collect();
     let count = jobs.len();
     let started = Instant::now();
@@ -533,7 +533,7 @@ async fn recognize(
             .collect();
         (
             slot.recognize_batch(&audio, &translators),
-            slot.id().to_owned(),
+            (slot.id().to_owned(), slot.digest()),
         )
     })
     .await;
@@ -545,7 +545,7 @@ async fn recognize(
             let results = (0..count)
                 .map(|_| Err(earshot_asr::AsrError::Batch(message.clone())))
                 .collect();
-            (results, String::new(), took)
+            (results, (String::new(), [0; 32]), took)
         }
     }
 }
@@ -556,7 +556,7 @@ fn answer(
     ctx: &WorkerContext,
     admitted: &Admitted,
     result: Result<Recognized, earshot_asr::AsrError>,
-    model_id: &str,
+    (model_id, model_sha256): &(String, [u8; 32]),
     took: Duration,
     batch: usize,
 ) -> Option<(Frame, &'static str)> {
@@ -604,7 +604,9 @@ fn answer(
                     .map(|w| span(w.start, w.end, &w.text))
                     .collect(),
                 region: ctx.region.clone(),
-                model: model_id.to_owned(),
+                model: model_id.clone(),
+                model_sha256: Some(*model_sha256),
+                receipt: None,
                 audio_sha256: job.audio_sha256,
                 queue_us: u32::try_from(admitted.queued_us).unwrap_or(u32::MAX),
                 inference_us: u32::try_from(took.as_micros()).unwrap_or(u32::MAX),
