@@ -138,6 +138,7 @@ impl Cluster {
                 name: e.name.into(),
                 jurisdiction: e.jurisdiction.into(),
                 regions: e.regions.iter().map(|s| s.to_string()).collect(),
+                address: "127.0.0.1".into(),
                 http_port: listener.local_addr()?.port(),
                 extra: e.extra.into(),
             });
@@ -407,10 +408,15 @@ pub fn log_tail(log: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A whole HTTP/1.0 response, headers included.
+/// A whole HTTP/1.0 response from 127.0.0.1:`port`, headers included.
 pub async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    http_get_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path).await
+}
+
+/// A whole HTTP/1.0 response from `addr`, headers included.
+pub async fn http_get_at(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
         .await?;
     let mut out = String::new();

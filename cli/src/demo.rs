@@ -59,20 +59,7 @@ impl Process {
     /// SIGTERM, then wait for a graceful exit (bounded).
     fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("{} did not stop within 20 s; killing it", self.name);
-        let _ = child.kill();
-        child.wait().ok()
+        crate::processes::terminate(&mut child, Duration::from_secs(20))
     }
 
     fn check_alive(&mut self) -> anyhow::Result<()> {
@@ -93,7 +80,12 @@ impl Drop for Process {
 
 /// GETs `path` from 127.0.0.1:`port`; returns the status code.
 pub async fn http_status(port: u16, path: &str) -> anyhow::Result<u16> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    http_status_at(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path).await
+}
+
+/// GETs `path` from `addr`; returns the status code.
+pub async fn http_status_at(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<u16> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
         .await?;
@@ -151,6 +143,7 @@ pub async fn run(workdir: &Path) -> anyhow::Result<()> {
             name: "edge-local".into(),
             jurisdiction: "eu".into(),
             regions: vec!["eu-west".into()],
+            address: "127.0.0.1".into(),
             http_port: free_port()?,
             extra: String::new(),
         }],

@@ -29,6 +29,9 @@ pub struct EdgeSpec {
     pub name: String,
     pub jurisdiction: String,
     pub regions: Vec<String>,
+    /// The IP address the edge listens on (`127.0.0.1`, or its own
+    /// loopback address in a planet).
+    pub address: String,
     pub http_port: u16,
     /// Extra TOML appended to the edge's config (e.g. a `[limits]` table).
     pub extra: String,
@@ -140,7 +143,7 @@ count = {workers}
         format!(
             r#"name = {name:?}
 topology = {topology:?}
-listen = "127.0.0.1:{http}"
+listen = "{address}:{http}"
 uplink_bind = "127.0.0.1:0"
 
 [tls]
@@ -154,6 +157,7 @@ onnxruntime = {ort:?}
 {extra}"#,
             name = e.name,
             topology = self.topology_path(),
+            address = e.address,
             http = e.http_port,
             cert = c.cert,
             key = c.key,
@@ -166,11 +170,16 @@ onnxruntime = {ort:?}
 
     /// Writes the topology, certificates and every node's config.
     pub fn write(&self) -> anyhow::Result<()> {
+        self.write_with_topology(&self.topology_toml())
+    }
+
+    /// As [`Deployment::write`], with the topology file's text given (a
+    /// planet's, read from `topology/`) instead of generated.
+    pub fn write_with_topology(&self, topology_text: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let topology_text = self.topology_toml();
         let topology =
-            Topology::from_toml_str(&topology_text).context("generated topology is invalid")?;
-        write(&self.topology_path(), &topology_text)?;
+            Topology::from_toml_str(topology_text).context("generated topology is invalid")?;
+        write(&self.topology_path(), topology_text)?;
         certs::generate(&topology, &self.certs_dir())?;
         for r in &self.regions {
             write(&self.regional_config(&r.name), &self.regional_toml(r))?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use earshot_asr::{TestModelSpec, generate_test_model};
-use earshot_cli::{assets, bench, certs, client, demo, speech};
+use earshot_cli::{assets, bench, certs, client, demo, speech, up};
 use earshot_common::topology::Topology;
 
 /// Whisper allocates and frees tensors of megabytes on every layer; glibc's
@@ -25,6 +25,37 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Start the whole planet of a topology on loopback (regions with Redis,
+    /// sync agents and regional nodes; edges; the registry's S3 server;
+    /// GeoDNS), print what runs where, and run until Ctrl-C or SIGTERM.
+    Up {
+        #[arg(long, default_value = "topology/local.toml")]
+        topology: PathBuf,
+        /// Where the planet keeps its files (wiped at start).
+        #[arg(long, default_value = ".cache/planet")]
+        run_dir: PathBuf,
+        /// ASR workers per region.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Run in the background; stop it with `earshot down`.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop the planet `earshot up` runs from a run directory.
+    Down {
+        #[arg(long, default_value = ".cache/planet")]
+        run_dir: PathBuf,
+    },
+    /// What the planet's GeoDNS answers a client in SUBNET (e.g.
+    /// 10.1.0.0/16), as a resolver sending EDNS client subnet would see it.
+    Dns {
+        subnet: String,
+        #[arg(long, default_value = ".cache/planet")]
+        run_dir: PathBuf,
+        /// Another DNS server than the planet's (ip:port).
+        #[arg(long)]
+        server: Option<std::net::SocketAddr>,
+    },
     /// Run a whole deployment on loopback and stream a spoken file through it.
     Demo {
         /// Where the demo keeps its files (models, certificates, logs).
@@ -242,6 +273,26 @@ fn main() -> ExitCode {
 async fn run(command: Cmd) -> anyhow::Result<()> {
     match command {
         Cmd::Demo { workdir } => demo::run(&workdir).await,
+        Cmd::Up {
+            topology,
+            run_dir,
+            workers,
+            detach,
+        } => {
+            let args = up::UpArgs {
+                topology,
+                run_dir,
+                workers,
+                detach,
+            };
+            up::up(&args).await
+        }
+        Cmd::Down { run_dir } => up::down(&run_dir),
+        Cmd::Dns {
+            subnet,
+            run_dir,
+            server,
+        } => up::dns(&run_dir, &subnet, server).await,
         Cmd::Listen {
             file,
             url,

@@ -23,6 +23,31 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// redis-server's arguments: loopback `port`, no snapshots, every write in
+/// the append-only file under `dir` before it is acknowledged.
+pub fn args(port: u16, dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = [
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    args.push(dir.into());
+    args
+}
+
 impl RedisServer {
     /// Starts redis-server with its append-only file in `dir`, and waits
     /// until it answers PING.
@@ -42,11 +67,7 @@ impl RedisServer {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.stop();
         let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--save", "", "--protected-mode", "yes"])
-            .args(["--appendonly", "yes", "--appendfsync", "always"])
-            .arg("--dir")
-            .arg(&self.dir)
+            .args(args(self.port, &self.dir))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

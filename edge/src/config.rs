@@ -103,7 +103,11 @@ pub struct Limits {
     /// Time one region has to answer one utterance before the next
     /// permitted region is tried.
     pub attempt_timeout_ms: u64,
-    /// On shutdown, time sessions get to deliver pending finals.
+    /// When a session closes (the client's `close`, or the edge's
+    /// shutdown), time its pending utterances get to end in a final or
+    /// their own error. Longer than `uplink.retry_budget_ms`, so an
+    /// utterance that runs out of regions ends in `unavailable`, not in the
+    /// drain's `shutting_down`.
     pub drain_timeout_ms: u64,
 }
 
@@ -116,7 +120,7 @@ impl Default for Limits {
             max_pending_utterances: 8,
             connect_timeout_ms: 3_000,
             attempt_timeout_ms: 90_000,
-            drain_timeout_ms: 15_000,
+            drain_timeout_ms: 25_000,
         }
     }
 }
@@ -253,6 +257,12 @@ impl EdgeConfig {
         if u.retry_budget_ms > 600_000 {
             return bad("uplink.retry_budget_ms must be at most 600000".into());
         }
+        if self.limits.drain_timeout_ms <= u.retry_budget_ms {
+            return bad(format!(
+                "limits.drain_timeout_ms ({}) must be longer than uplink.retry_budget_ms ({}): a closing session waits for its utterances, and one that runs out of regions must end in `unavailable`, not be cut by the drain",
+                self.limits.drain_timeout_ms, u.retry_budget_ms
+            ));
+        }
         for target in &self.translation.targets {
             if !earshot_common::client::is_language_code(target) {
                 return bad(format!(
@@ -345,6 +355,14 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("\"German\" is not a language code"),
+            "{err}"
+        );
+        // A drain shorter than the retry budget would cut an utterance
+        // that is still looking for a region with `shutting_down`.
+        let err = parse(&format!("{MINIMAL}\n[uplink]\nretry_budget_ms = 30000")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("must be longer than uplink.retry_budget_ms"),
             "{err}"
         );
         let err = EdgeConfig::load(Path::new("/nonexistent/edge.toml")).unwrap_err();

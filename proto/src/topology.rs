@@ -94,6 +94,18 @@ pub enum TopologyError {
     },
     #[error("[registry.home] must name a region for \"global\" models")]
     NoGlobalHome,
+    #[error(
+        "edge {edge:?} has an invalid address {address:?}: expected an IP address (GeoDNS answers it)"
+    )]
+    InvalidAddress { edge: String, address: String },
+    #[error("edges {first:?} and {second:?} share the address {address:?}")]
+    SharedAddress {
+        first: String,
+        second: String,
+        address: String,
+    },
+    #[error("[geodns]: {0}")]
+    GeoDns(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,6 +118,7 @@ struct RawTopology {
     #[serde(default, rename = "edge")]
     edges: Vec<Edge>,
     registry: Option<Registry>,
+    geodns: Option<GeoDns>,
 }
 
 /// Where the model registry lives: an S3 endpoint, and the region whose
@@ -166,6 +179,102 @@ pub struct Edge {
     pub jurisdiction: String,
     /// Regions to use, most preferred first.
     pub regions: Vec<String>,
+    /// The IP address clients reach the edge at (on `[geodns] port`):
+    /// what GeoDNS answers and health-checks. Required with `[geodns]`.
+    pub address: Option<String>,
+}
+
+/// The GeoDNS service clients resolve to find an edge: which client
+/// networks belong to which jurisdiction, and how edges are health-checked.
+/// Rendered into a gdnsd configuration (and Route 53 records), so a client
+/// of a jurisdiction's networks is only ever answered with that
+/// jurisdiction's edges.
+///
+/// ```toml
+/// [geodns]
+/// zone = "earshot.test"
+/// port = 8080            # every edge's client port on its address
+/// default = "us"         # whose edges answer clients in no listed network
+/// [[geodns.clients]]
+/// jurisdiction = "eu"
+/// nets = ["10.1.0.0/16"]
+/// edges = ["edge-eu-1", "edge-eu-2"]   # optional: the failover order
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoDns {
+    /// The DNS zone served, e.g. `earshot.test`.
+    pub zone: String,
+    /// The name clients resolve inside the zone.
+    #[serde(default = "default_geodns_name")]
+    pub name: String,
+    /// The port every edge listens on for clients and health checks.
+    pub port: u16,
+    /// Seconds a resolver may cache an answer.
+    #[serde(default = "default_geodns_ttl")]
+    pub ttl: u32,
+    /// The jurisdiction whose edges answer clients in no listed network.
+    pub default: String,
+    /// Where gdnsd listens (`ip:port`); `earshot up` runs it there.
+    #[serde(default = "default_geodns_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub clients: Vec<ClientNets>,
+}
+
+/// How GeoDNS health-checks each edge's `/readyz`. gdnsd's defaults (10 s
+/// interval, 10 failures) take about 100 s to mark an edge down; these take
+/// `interval_s × down_after` (4 s), at the cost of one flap per
+/// `down_after` failed checks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Seconds between checks (gdnsd's minimum is 2).
+    pub interval_s: u32,
+    /// Seconds a check may take (less than the interval).
+    pub timeout_s: u32,
+    /// Failed checks that mark an edge down.
+    pub down_after: u32,
+    /// Successful checks in a row that bring it back.
+    pub up_after: u32,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            interval_s: 2,
+            timeout_s: 1,
+            down_after: 2,
+            up_after: 3,
+        }
+    }
+}
+
+/// Client networks of one jurisdiction, and the edges they are answered
+/// with, in failover order (by default the jurisdiction's edges in
+/// topology order).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientNets {
+    pub jurisdiction: String,
+    /// `address/prefix` networks (IPv4 or IPv6).
+    pub nets: Vec<String>,
+    #[serde(default)]
+    pub edges: Vec<String>,
+}
+
+fn default_geodns_name() -> String {
+    "listen".into()
+}
+
+fn default_geodns_ttl() -> u32 {
+    5
+}
+
+fn default_geodns_listen() -> String {
+    "127.0.0.1:5353".into()
 }
 
 /// A validated topology. Construct it with [`Topology::load`] or
@@ -176,6 +285,7 @@ pub struct Topology {
     regions: Vec<Region>,
     edges: Vec<Edge>,
     registry: Option<Registry>,
+    geodns: Option<GeoDns>,
 }
 
 /// The most bytes a topology file may have (a planet's is a few KiB).
@@ -224,6 +334,7 @@ impl Topology {
             regions,
             edges: raw.edges,
             registry: raw.registry,
+            geodns: raw.geodns,
         };
         topology.validate()?;
         Ok(topology)
@@ -278,6 +389,10 @@ impl Topology {
         if let Some(registry) = &self.registry {
             self.validate_registry(registry)?;
         }
+        self.validate_addresses()?;
+        if let Some(geodns) = &self.geodns {
+            self.validate_geodns(geodns)?;
+        }
 
         for edge in &self.edges {
             self.require_jurisdiction("edge", &edge.name, &edge.jurisdiction)?;
@@ -308,6 +423,117 @@ impl Topology {
                         region_jurisdiction: region.jurisdiction.clone(),
                     });
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_addresses(&self) -> Result<(), TopologyError> {
+        let mut seen: Vec<(&str, std::net::IpAddr)> = Vec::new();
+        for edge in &self.edges {
+            let Some(address) = &edge.address else {
+                continue;
+            };
+            let ip: std::net::IpAddr =
+                address.parse().map_err(|_| TopologyError::InvalidAddress {
+                    edge: edge.name.clone(),
+                    address: address.clone(),
+                })?;
+            if let Some((first, _)) = seen.iter().find(|(_, a)| *a == ip) {
+                return Err(TopologyError::SharedAddress {
+                    first: (*first).to_owned(),
+                    second: edge.name.clone(),
+                    address: address.clone(),
+                });
+            }
+            seen.push((&edge.name, ip));
+        }
+        Ok(())
+    }
+
+    fn validate_geodns(&self, g: &GeoDns) -> Result<(), TopologyError> {
+        let fail = |m: String| Err(TopologyError::GeoDns(m));
+        if !is_dns_name(&g.zone) {
+            return fail(format!("zone {:?} is not a DNS name", g.zone));
+        }
+        if !is_valid_name(&g.name) {
+            return fail(format!("name {:?} is not a DNS label", g.name));
+        }
+        if g.port == 0 {
+            return fail("port must be the edges' client port, not 0".into());
+        }
+        if !is_host_port(&g.listen) || g.listen.parse::<std::net::SocketAddr>().is_err() {
+            return fail(format!("listen {:?} is not ip:port", g.listen));
+        }
+        if !(1..=3600).contains(&g.ttl) {
+            return fail(format!("ttl {} is outside 1-3600 s", g.ttl));
+        }
+        let h = &g.health;
+        if h.interval_s < 2 || h.interval_s > 3600 {
+            return fail(format!(
+                "health.interval_s {} is outside 2-3600 (gdnsd's range)",
+                h.interval_s
+            ));
+        }
+        if h.timeout_s == 0 || h.timeout_s >= h.interval_s {
+            return fail("health.timeout_s must be at least 1 and less than interval_s".into());
+        }
+        if !(1..=65535).contains(&h.down_after) || !(1..=65535).contains(&h.up_after) {
+            return fail("health.down_after and health.up_after must be 1-65535".into());
+        }
+        if let Some(e) = self.edges.iter().find(|e| e.address.is_none()) {
+            return fail(format!(
+                "edge {:?} has no address: GeoDNS needs one for every edge",
+                e.name
+            ));
+        }
+        if self.edges_for(&g.default).is_empty() {
+            return fail(format!(
+                "default {:?} must be a jurisdiction with at least one edge",
+                g.default
+            ));
+        }
+        let mut nets = HashSet::new();
+        for c in &g.clients {
+            if self.jurisdiction(&c.jurisdiction).is_none() {
+                return fail(format!(
+                    "clients of jurisdiction {:?}: no [[jurisdiction]] defines it",
+                    c.jurisdiction
+                ));
+            }
+            if c.nets.is_empty() {
+                return fail(format!("clients of {:?} list no nets", c.jurisdiction));
+            }
+            for net in &c.nets {
+                if !is_network(net) {
+                    return fail(format!("{net:?} is not an address/prefix network"));
+                }
+                if !nets.insert(net) {
+                    return fail(format!("network {net:?} is listed twice"));
+                }
+            }
+            for name in &c.edges {
+                match self.edge(name) {
+                    None => {
+                        return fail(format!(
+                            "clients of {:?} list unknown edge {name:?}",
+                            c.jurisdiction
+                        ));
+                    }
+                    Some(e) if e.jurisdiction != c.jurisdiction => {
+                        return fail(format!(
+                            "clients of {:?} list edge {name:?} of jurisdiction {:?}: clients are answered only with edges of their own jurisdiction",
+                            c.jurisdiction, e.jurisdiction
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if self.geodns_edges(c).is_empty() {
+                return fail(format!(
+                    "jurisdiction {:?} has no edges to answer its clients with",
+                    c.jurisdiction
+                ));
             }
         }
         Ok(())
@@ -370,6 +596,31 @@ impl Topology {
 
     pub fn registry(&self) -> Option<&Registry> {
         self.registry.as_ref()
+    }
+
+    pub fn geodns(&self) -> Option<&GeoDns> {
+        self.geodns.as_ref()
+    }
+
+    /// The edges of `jurisdiction`, in topology order.
+    pub fn edges_for(&self, jurisdiction: &str) -> Vec<&Edge> {
+        self.edges
+            .iter()
+            .filter(|e| e.jurisdiction == jurisdiction)
+            .collect()
+    }
+
+    /// The edges GeoDNS answers `clients` with, in failover order: the
+    /// listed ones, else every edge of their jurisdiction. Only ever edges
+    /// of the clients' own jurisdiction.
+    pub fn geodns_edges(&self, clients: &ClientNets) -> Vec<&Edge> {
+        let mut edges: Vec<&Edge> = if clients.edges.is_empty() {
+            self.edges_for(&clients.jurisdiction)
+        } else {
+            clients.edges.iter().filter_map(|n| self.edge(n)).collect()
+        };
+        edges.retain(|e| e.jurisdiction == clients.jurisdiction);
+        edges
     }
 
     /// May a model of `residency` (`global` or a jurisdiction) be stored
@@ -462,6 +713,26 @@ pub fn is_valid_name(name: &str) -> bool {
         && bytes
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+/// A DNS name of valid labels (`earshot.test`), at most 253 bytes.
+fn is_dns_name(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_valid_name)
+}
+
+/// `address/prefix`, the prefix within the address family's width.
+fn is_network(net: &str) -> bool {
+    let Some((address, prefix)) = net.split_once('/') else {
+        return false;
+    };
+    let Ok(prefix) = prefix.parse::<u8>() else {
+        return false;
+    };
+    match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => prefix <= 32,
+        Ok(std::net::IpAddr::V6(_)) => prefix <= 128,
+        Err(_) => false,
+    }
 }
 
 /// S3 bucket naming rules (the portable subset).
@@ -803,5 +1074,91 @@ mod shipped_files {
             }
         }
         assert!(checked > 0);
+    }
+
+    fn local() -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology/local.toml");
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    fn geodns_error(text: &str) -> String {
+        match Topology::from_toml_str(text) {
+            Err(TopologyError::GeoDns(m)) => m,
+            other => panic!("expected a [geodns] error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn geodns_answers_clients_only_with_edges_of_their_jurisdiction() {
+        let t = Topology::from_toml_str(&local()).unwrap();
+        let g = t.geodns().unwrap();
+        let eu = g.clients.iter().find(|c| c.jurisdiction == "eu").unwrap();
+        let names: Vec<&str> = t.geodns_edges(eu).iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["edge-eu-1", "edge-eu-2"]);
+
+        // Listing a US edge for EU clients is refused, naming the fix.
+        let bad = local().replace(
+            "edges = [\"edge-eu-1\", \"edge-eu-2\"]",
+            "edges = [\"edge-eu-1\", \"edge-us\"]",
+        );
+        let m = geodns_error(&bad);
+        assert!(m.contains("\"edge-us\" of jurisdiction \"us\""), "{m}");
+
+        // Without a list, the jurisdiction's own edges in topology order.
+        let t = Topology::from_toml_str(
+            &local().replace("edges = [\"edge-eu-1\", \"edge-eu-2\"]\n", ""),
+        )
+        .unwrap();
+        let eu = &t.geodns().unwrap().clients[0];
+        assert_eq!(t.geodns_edges(eu).len(), 2);
+    }
+
+    #[test]
+    fn geodns_input_is_checked() {
+        let cases = [
+            (
+                "\"10.1.0.0/16\"",
+                "\"10.1.0.0/33\"",
+                "not an address/prefix",
+            ),
+            ("\"10.1.0.0/16\"", "\"10.1.0.0\"", "not an address/prefix"),
+            ("\"10.1.0.0/16\"", "\"198.51.100.0/24\"", "listed twice"),
+            ("interval_s = 2", "interval_s = 1", "gdnsd's range"),
+            ("timeout_s = 1", "timeout_s = 2", "less than interval_s"),
+            (
+                "zone = \"earshot.test\"",
+                "zone = \"Earshot..test\"",
+                "not a DNS name",
+            ),
+            (
+                "default = \"us\"",
+                "default = \"mars\"",
+                "at least one edge",
+            ),
+            ("port = 8080", "port = 0", "not 0"),
+            (
+                "listen = \"127.0.0.1:5353\"",
+                "listen = \"localhost\"",
+                "ip:port",
+            ),
+        ];
+        for (from, to, expect) in cases {
+            let text = local().replacen(from, to, 1);
+            assert_ne!(text, local(), "{from} not in local.toml");
+            let m = geodns_error(&text);
+            assert!(m.contains(expect), "{to}: {m}");
+        }
+        let m = geodns_error(&local().replacen("address = \"127.0.2.1\"\n", "", 1));
+        assert!(m.contains("\"edge-us\" has no address"), "{m}");
+        let e = Topology::from_toml_str(&local().replacen("127.0.2.1", "127.0.1.1", 1));
+        assert!(
+            matches!(e, Err(TopologyError::SharedAddress { .. })),
+            "{e:?}"
+        );
+        let e = Topology::from_toml_str(&local().replacen("127.0.2.1", "edge.example", 1));
+        assert!(
+            matches!(e, Err(TopologyError::InvalidAddress { .. })),
+            "{e:?}"
+        );
     }
 }

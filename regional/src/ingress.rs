@@ -233,6 +233,12 @@ impl Ingress {
     /// Checks, queues and waits for one utterance's result.
     async fn handle(&self, utterance: Utterance) -> Result<Frame, Refusal> {
         let h = &utterance.header;
+        self.metrics
+            .received
+            .get_or_create(&crate::metrics::SessionJurisdictionLabel {
+                jurisdiction: crate::metrics::jurisdiction_label(&self.topology, &h.jurisdiction),
+            })
+            .inc();
         if self.shutdown.is_cancelled() {
             return Err((
                 ErrorCode::ShuttingDown,

@@ -29,6 +29,11 @@ pub struct JurisdictionLabel {
     pub layer: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionJurisdictionLabel {
+    pub jurisdiction: String,
+}
+
 /// A jurisdiction as a label value: one the topology knows, else
 /// `unknown`, so a peer cannot create series at will.
 pub fn jurisdiction_label(
@@ -52,6 +57,8 @@ pub struct Metrics {
     pub inflight: Gauge,
     pub utterances: Family<OutcomeLabel, Counter>,
     pub residency_refusals: Family<JurisdictionLabel, Counter>,
+    /// Utterance streams received, by the session's jurisdiction.
+    pub received: Family<SessionJurisdictionLabel, Counter>,
     pub jobs: Family<OutcomeLabel, Counter>,
     pub jobs_claimed: Counter,
     pub queue_wait: Histogram,
@@ -80,6 +87,7 @@ impl Metrics {
             inflight: Gauge::default(),
             utterances: Family::default(),
             residency_refusals: Family::default(),
+            received: Family::default(),
             jobs: Family::default(),
             jobs_claimed: Counter::default(),
             queue_wait: seconds_histogram(),
@@ -109,6 +117,11 @@ impl Metrics {
             "utterances",
             "Utterance streams handled by the ingress, by outcome (final, refused, invalid, queue_unavailable, timeout, overloaded, busy, shutting_down, error)",
             m.utterances.clone(),
+        );
+        registry.register(
+            "received",
+            "Utterance streams received from edges, by the session's jurisdiction (counted before any check)",
+            m.received.clone(),
         );
         registry.register(
             "residency_refusals",
@@ -215,6 +228,9 @@ impl Metrics {
                 .get_or_create(&ReasonLabel { reason: w.as_str() });
         }
         for jurisdiction in jurisdictions {
+            let _ = self.received.get_or_create(&SessionJurisdictionLabel {
+                jurisdiction: jurisdiction.clone(),
+            });
             for layer in ["ingress", "worker"] {
                 let _ = self.residency_refusals.get_or_create(&JurisdictionLabel {
                     jurisdiction: jurisdiction.clone(),

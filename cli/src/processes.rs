@@ -1,0 +1,32 @@
+//! Stopping child processes: SIGTERM, a bounded wait for a graceful exit,
+//! then SIGKILL. Shared by the demo, GeoDNS and `earshot up`.
+
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Sends SIGTERM to `pid` (through kill(1)); false if it could not be sent.
+pub fn sigterm(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// SIGTERM to `child`, then up to `within` for it to exit; SIGKILL after
+/// that. Returns how it exited (`None` if it could not be waited for).
+pub fn terminate(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    sigterm(child.id());
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}

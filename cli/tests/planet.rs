@@ -1,0 +1,167 @@
+//! The planet of `topology/local.toml` (`earshot up`, on free ports): three
+//! regions with Redis, sync agents and the model published through the
+//! embedded S3 registry, three edges on their own loopback addresses, and
+//! gdnsd. Asked with real DNS clients (`dig +subnet` and hickory).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use earshot_cli::client::{self, StreamOptions, Transcript};
+use earshot_cli::cluster::metric;
+use earshot_cli::geodns;
+use earshot_cli::planet::{Planet, PlanetOptions, with_free_ports};
+use earshot_cli::{assets, speech};
+use earshot_common::client::ClientErrorCode;
+use earshot_common::receipt::ReceiptVerifier;
+
+const EU: &str = "10.1.0.0/16";
+const US: &str = "10.2.0.0/16";
+
+async fn start(dir: &Path) -> Planet {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology/local.toml");
+    let text = with_free_ports(&std::fs::read_to_string(local).unwrap()).unwrap();
+    let topology = dir.join("topology.toml");
+    std::fs::write(&topology, text).unwrap();
+    Planet::start(&PlanetOptions {
+        topology,
+        run_dir: dir.join("run"),
+        model: assets::real_model("whisper-tiny.en").unwrap(),
+        workers: 1,
+    })
+    .await
+    .unwrap()
+}
+
+/// `dig +short +subnet=<subnet>` against the planet's gdnsd.
+fn dig(dns: SocketAddr, name: &str, subnet: &str) -> Vec<IpAddr> {
+    let out = Command::new("dig")
+        .args(["+short", "+tries=1", "+time=2"])
+        .arg(format!("+subnet={subnet}"))
+        .arg(format!("@{}", dns.ip()))
+        .args(["-p", &dns.port().to_string(), name])
+        .output()
+        .expect("dig is installed by make setup (dnsutils)");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect()
+}
+
+fn edge_ip(planet: &Planet, edge: &str) -> IpAddr {
+    let e = planet.topology.edge(edge).unwrap();
+    e.address.as_deref().unwrap().parse().unwrap()
+}
+
+async fn stream(url: &str, pcm: &[u8]) -> Transcript {
+    let options = StreamOptions {
+        chunk_bytes: 3200,
+        pace: None,
+    };
+    client::stream(url, pcm, options, |_| {}).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geodns_moves_eu_clients_to_the_other_eu_edge_and_eu_audio_never_leaves_the_eu() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut planet = start(dir.path()).await;
+    let g = planet.topology.geodns().unwrap().clone();
+    let name = geodns::client_name(&g);
+    let dns = planet.dns();
+    let (eu1, eu2, us) = (
+        edge_ip(&planet, "edge-eu-1"),
+        edge_ip(&planet, "edge-eu-2"),
+        edge_ip(&planet, "edge-us"),
+    );
+    assert_eq!(dig(dns, &name, EU), [eu1]);
+    assert_eq!(dig(dns, &name, US), [us]);
+
+    // An EU client, sent where GeoDNS says, is answered in the EU, and its
+    // receipts say so.
+    let said =
+        speech::synthesize(&[earshot_cli::demo::SENTENCES[2]], 1.0, 0.5, dir.path()).unwrap();
+    let pcm: Vec<u8> = said.samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let verifier = ReceiptVerifier::load(&planet.ca, planet.topology.clone()).unwrap();
+    let url = geodns::edge_url(dns, &g, EU).await.unwrap();
+    let first = stream(&url, &pcm).await;
+    assert_eq!(first.finals().len(), 1, "{:?}", first.errors());
+    for f in first.finals() {
+        verifier.verify(f, Some("eu")).unwrap();
+    }
+
+    // edge-eu-1 drains (SIGTERM): EU clients move to edge-eu-2, never to
+    // the US edge; US clients keep theirs.
+    planet
+        .terminate("edge-eu-1", Duration::from_secs(30))
+        .unwrap();
+    let down_at = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let answer = geodns::query(dns, &name, Some(EU)).await.unwrap();
+        assert!(
+            !answer.addresses.contains(&us),
+            "EU client sent to the US edge: {answer:?}"
+        );
+        seen.extend(answer.addresses.iter().copied());
+        if answer.addresses == [eu2] {
+            break;
+        }
+        assert!(
+            down_at.elapsed() < Duration::from_secs(30),
+            "still {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "EU answers moved to edge-eu-2 {:.1} s after edge-eu-1 went down (health interval {} s × {})",
+        down_at.elapsed().as_secs_f64(),
+        g.health.interval_s,
+        g.health.down_after
+    );
+    assert_eq!(dig(dns, &name, EU), [eu2]);
+    assert_eq!(dig(dns, &name, US), [us]);
+    let url = geodns::edge_url(dns, &g, EU).await.unwrap();
+    assert!(url.contains(&eu2.to_string()), "{url}");
+    let moved = stream(&url, &pcm).await;
+    assert_eq!(moved.finals().len(), 1, "{:?}", moved.errors());
+
+    // Both EU regions down: EU audio is refused with `unavailable`, and
+    // us-east never receives a stream of an EU session.
+    planet.kill("eu-west").unwrap();
+    planet.kill("eu-central").unwrap();
+    let refused = stream(&url, &pcm).await;
+    assert!(refused.finals().is_empty(), "{:?}", refused.finals());
+    let errors = refused.errors();
+    assert!(!errors.is_empty());
+    for e in &errors {
+        assert_eq!(e.code, ClientErrorCode::Unavailable, "{e:?}");
+        assert!(e.retry_after.is_some(), "{e:?}");
+    }
+    let us_east = planet.metrics("us-east").await.unwrap();
+    assert_eq!(
+        metric(
+            &us_east,
+            r#"earshot_regional_received_total{jurisdiction="eu"}"#
+        ),
+        Some(0.0),
+        "{us_east}"
+    );
+    // While US clients are still served by us-east.
+    let url = geodns::edge_url(dns, &g, US).await.unwrap();
+    let american = stream(&url, &pcm).await;
+    assert_eq!(american.finals().len(), 1, "{:?}", american.errors());
+    assert_eq!(american.finals()[0].region, "us-east");
+    let us_east = planet.metrics("us-east").await.unwrap();
+    assert_eq!(
+        metric(
+            &us_east,
+            r#"earshot_regional_received_total{jurisdiction="us"}"#
+        ),
+        Some(1.0)
+    );
+    assert!(planet.stop().is_empty());
+}
