@@ -1,7 +1,7 @@
 //! A small `/v1/listen` client: streams PCM, ends the session with
 //! `{"type":"close"}`, and collects what the edge sends until it closes.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use earshot_common::client::ServerMessage;
@@ -14,6 +14,12 @@ pub struct Transcript {
     pub messages: Vec<ServerMessage>,
     /// The close frame's code and reason, if the edge sent one.
     pub close: Option<(u16, String)>,
+    /// When the first audio frame was sent.
+    pub started_at: Option<Instant>,
+    /// When the edge closed the session (or the connection ended).
+    pub closed_at: Option<Instant>,
+    /// Why the connection broke without a close frame, if it did.
+    pub broken: Option<String>,
 }
 
 impl Transcript {
@@ -43,8 +49,8 @@ impl Transcript {
 pub struct StreamOptions {
     /// Bytes per binary frame.
     pub chunk_bytes: usize,
-    /// Wait this long between frames (real-time pacing); `None` sends as
-    /// fast as the edge reads.
+    /// Send frame `i` at `i × pace` after the first (real-time pacing,
+    /// without drift); `None` sends as fast as the edge reads.
     pub pace: Option<Duration>,
 }
 
@@ -75,20 +81,25 @@ pub async fn stream(
         .map(<[u8]>::to_vec)
         .collect();
 
+    let started_at = Instant::now();
     let sender = async move {
-        for chunk in chunks {
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            if let Some(pace) = options.pace {
+                let at = started_at + pace.saturating_mul(u32::try_from(i).unwrap_or(u32::MAX));
+                tokio::time::sleep_until(at.into()).await;
+            }
             if sink.send(Message::Binary(chunk.into())).await.is_err() {
                 return sink;
-            }
-            if let Some(pace) = options.pace {
-                tokio::time::sleep(pace).await;
             }
         }
         let _ = sink.send(Message::Text(r#"{"type":"close"}"#.into())).await;
         sink
     };
     let receiver = async {
-        let mut out = Transcript::default();
+        let mut out = Transcript {
+            started_at: Some(started_at),
+            ..Transcript::default()
+        };
         while let Some(msg) = source.next().await {
             match msg {
                 Ok(Message::Text(text)) => {
@@ -102,9 +113,14 @@ pub async fn stream(
                     break;
                 }
                 Ok(_) => {}
-                Err(e) => return Err(anyhow::Error::new(e).context("websocket failed")),
+                // The connection broke: keep what arrived before.
+                Err(e) => {
+                    out.broken = Some(e.to_string());
+                    break;
+                }
             }
         }
+        out.closed_at = Some(Instant::now());
         Ok(out)
     };
     let (mut sink, out) = tokio::join!(sender, receiver);

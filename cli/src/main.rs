@@ -46,6 +46,47 @@ enum Cmd {
         #[arg(long, default_value = ".cache/planet")]
         run_dir: PathBuf,
     },
+    /// Break one part of a running planet while EU and US clients stream
+    /// speech, restore it, and report lost / duplicated / residency-violating
+    /// finals (exit status 1 unless all three are 0), recovery time, WER and
+    /// latency before/during/after, DNS answers; with a timeline plot.
+    /// Scenarios: region-down REGION, redis-down REGION, worker-kill REGION,
+    /// edge-down EDGE, partition EDGE REGION, az-flap REGION.
+    Drill {
+        scenario: String,
+        targets: Vec<String>,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Seconds of load before the fault, with the fault, and after.
+        #[arg(long, default_value_t = 15.0)]
+        before: f64,
+        #[arg(long, default_value_t = 15.0)]
+        during: f64,
+        #[arg(long, default_value_t = 15.0)]
+        after: f64,
+        /// Where the report goes (default: <run-dir>/drills/<scenario>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Stream spoken sentences from EU and US clients through the edges
+    /// GeoDNS gives their subnets, and report throughput, latency, errors by
+    /// code, word error rate, and lost / duplicated / residency-violating
+    /// finals.
+    Loadtest {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+    },
+    /// Relay UDP between LISTEN and TO (one upstream socket per peer): the
+    /// proxies `earshot up` puts on each edge's QUIC path to a region, which
+    /// the `partition` drill cuts.
+    UdpProxy {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        to: std::net::SocketAddr,
+    },
     /// What the planet's GeoDNS answers a client in SUBNET (e.g.
     /// 10.1.0.0/16), as a resolver sending EDNS client subnet would see it.
     Dns {
@@ -119,6 +160,22 @@ enum Cmd {
         #[arg(required = true)]
         sentences: Vec<String>,
     },
+}
+
+/// The planet and the clients a load (or a drill's load) runs.
+#[derive(clap::Args)]
+struct LoadArgs {
+    #[arg(long, default_value = ".cache/planet")]
+    run_dir: PathBuf,
+    /// Clients in the EU test subnet (10.1.0.0/16).
+    #[arg(long, default_value_t = 4)]
+    eu_clients: usize,
+    /// Clients in the US test subnet (10.2.0.0/16).
+    #[arg(long, default_value_t = 2)]
+    us_clients: usize,
+    /// 1 streams in real time.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
 }
 
 #[derive(Subcommand)]
@@ -288,6 +345,70 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             up::up(&args).await
         }
         Cmd::Down { run_dir } => up::down(&run_dir),
+        Cmd::Drill {
+            scenario,
+            targets,
+            load:
+                LoadArgs {
+                    run_dir,
+                    eu_clients,
+                    us_clients,
+                    speed,
+                },
+            before,
+            during,
+            after,
+            out,
+        } => {
+            use earshot_cli::drill;
+            let scenario = drill::Scenario::parse(&scenario, &targets)?;
+            let target = drill::Target::open(&run_dir)?;
+            let options = drill::DrillOptions {
+                before: Duration::from_secs_f64(before),
+                during: Duration::from_secs_f64(during),
+                after: Duration::from_secs_f64(after),
+                eu_clients,
+                us_clients,
+                speed,
+                ..drill::DrillOptions::default()
+            };
+            let out = out.unwrap_or_else(|| run_dir.join("drills").join(scenario.name()));
+            eprintln!(
+                "drill {}: load {before} s, fault {during} s, after {after} s …",
+                scenario.title()
+            );
+            let report = drill::run(
+                &target,
+                &scenario,
+                &options,
+                &run_dir.join("drills").join("speech"),
+            )
+            .await?;
+            let files = drill::write(&report, &out)?;
+            println!("{}", drill::markdown(&report));
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            if !report.clean() {
+                anyhow::bail!("the drill found lost, duplicated or residency-violating finals");
+            }
+            Ok(())
+        }
+        Cmd::Loadtest {
+            load:
+                LoadArgs {
+                    run_dir,
+                    eu_clients,
+                    us_clients,
+                    speed,
+                },
+            seconds,
+        } => earshot_cli::loadtest::command(&run_dir, seconds, eu_clients, us_clients, speed).await,
+        Cmd::UdpProxy { listen, to } => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(earshot_common::signals::cancel_on_signal(shutdown.clone()));
+            earshot_cli::udp_proxy::run(listen, to, shutdown).await
+        }
         Cmd::Dns {
             subnet,
             run_dir,

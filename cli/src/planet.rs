@@ -43,6 +43,8 @@ pub enum Role {
     Redis,
     Sync,
     Regional,
+    Worker,
+    Proxy,
     Edge,
     Geodns,
 }
@@ -57,6 +59,8 @@ pub enum Probe {
     Tcp { addr: SocketAddr },
     /// gdnsd answers the client name.
     Dns { addr: SocketAddr, name: String },
+    /// Ready once it runs (a UDP relay has nothing to ask).
+    Running,
 }
 
 /// One process of the planet: how to start it again and where it logs.
@@ -195,18 +199,39 @@ impl Planet {
                 quic_port: quic.port(),
                 http_port: crate::redis_server::free_port()?,
                 redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
-                workers: options.workers,
+                // The ingress node runs no workers: they are their own
+                // process (`<region>-worker`), which `worker-kill` kills.
+                workers: 0,
                 extra: format!("[worker]\nmodel = {:?}\n", models.join("current")),
             });
         }
+        // Every edge dials each of its regions through a UDP proxy of its
+        // own, which the `partition` drill cuts.
+        let mut proxies = Vec::new();
         for e in topology.edges() {
+            let mut dial = toml::Table::new();
+            for region in topology.permitted_regions(&e.name)? {
+                let listen = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+                let to: SocketAddr = region.quic.parse()?;
+                dial.insert(region.name.clone(), listen.to_string().into());
+                proxies.push((
+                    proxy_name(&e.name, &region.name),
+                    region.name.clone(),
+                    listen,
+                    to,
+                ));
+            }
+            let mut uplink = toml::Table::new();
+            uplink.insert("dial".into(), dial.into());
+            let mut extra = toml::Table::new();
+            extra.insert("uplink".into(), uplink.into());
             deployment.edges.push(EdgeSpec {
                 name: e.name.clone(),
                 jurisdiction: e.jurisdiction.clone(),
                 regions: e.regions.clone(),
                 address: e.address.clone().unwrap_or_else(|| "127.0.0.1".into()),
                 http_port: g.port,
-                extra: String::new(),
+                extra: format!("\n{extra}"),
             });
         }
         deployment.write_with_topology(&text)?;
@@ -332,6 +357,52 @@ impl Planet {
                     listen: format!("quic 127.0.0.1:{} http {http}", r.quic_port),
                 })
                 .await?;
+
+            let worker = format!("{}-worker", r.name);
+            let worker_http = crate::redis_server::free_port()?;
+            let worker_config = deployment.dir.join(format!("{worker}.toml"));
+            std::fs::write(
+                &worker_config,
+                deployment.worker_toml(r, &worker, options.workers, worker_http),
+            )?;
+            planet
+                .launch(ProcessSpec {
+                    name: worker.clone(),
+                    role: Role::Worker,
+                    region: Some(r.name.clone()),
+                    program: assets::binary("earshot-regional")?,
+                    args: vec!["--config".into(), worker_config.into()],
+                    env: vec![("RUST_LOG".into(), "info".into())],
+                    log: log(&worker),
+                    probe: Probe::Http {
+                        addr: SocketAddr::from(([127, 0, 0, 1], worker_http)),
+                        path: "/readyz".into(),
+                    },
+                    listen: format!("http 127.0.0.1:{worker_http}"),
+                })
+                .await?;
+        }
+        let proxy_bin = assets::binary("earshot")?;
+        for (name, region, listen, to) in proxies {
+            planet
+                .launch(ProcessSpec {
+                    log: log(&name),
+                    name,
+                    role: Role::Proxy,
+                    region: Some(region),
+                    program: proxy_bin.clone(),
+                    args: vec![
+                        "udp-proxy".into(),
+                        "--listen".into(),
+                        listen.to_string().into(),
+                        "--to".into(),
+                        to.to_string().into(),
+                    ],
+                    env: vec![("RUST_LOG".into(), "info".into())],
+                    probe: Probe::Running,
+                    listen: format!("udp {listen} -> {to}"),
+                })
+                .await?;
         }
         for e in &deployment.edges {
             let addr = SocketAddr::new(e.address.parse()?, e.http_port);
@@ -413,11 +484,12 @@ impl Planet {
         self.specs.iter().map(|s| s.name.clone()).collect()
     }
 
-    /// The processes of `region` (Redis, sync agent, regional node).
+    /// The processes of `region` (Redis, sync agent, regional node and
+    /// workers; not the proxies in front of it), in start order.
     pub fn region_processes(&self, region: &str) -> Vec<String> {
         self.specs
             .iter()
-            .filter(|s| s.region.as_deref() == Some(region))
+            .filter(|s| s.region.as_deref() == Some(region) && s.role != Role::Proxy)
             .map(|s| s.name.clone())
             .collect()
     }
@@ -509,7 +581,7 @@ impl Planet {
         let mut t = String::new();
         let _ = writeln!(
             t,
-            "{:<18} {:<9} {:<10} {:<7} ADDRESS",
+            "{:<26} {:<9} {:<10} {:<7} ADDRESS",
             "PROCESS", "ROLE", "REGION", "PID"
         );
         for s in &self.specs {
@@ -519,7 +591,7 @@ impl Planet {
                 .map_or("-".into(), |c| c.id().to_string());
             let _ = writeln!(
                 t,
-                "{:<18} {:<9} {:<10} {:<7} {}",
+                "{:<26} {:<9} {:<10} {:<7} {}",
                 s.name,
                 format!("{:?}", s.role).to_lowercase(),
                 s.region.as_deref().unwrap_or("-"),
@@ -535,7 +607,7 @@ impl Planet {
                 .unwrap_or_default();
             let _ = writeln!(
                 t,
-                "{:<18} {:<9} {:<10} {:<7} dns {} ({name})",
+                "{:<26} {:<9} {:<10} {:<7} dns {} ({name})",
                 "gdnsd",
                 "geodns",
                 "-",
@@ -637,6 +709,17 @@ impl Drop for Planet {
     }
 }
 
+/// The proxy between `edge` and `region`.
+pub fn proxy_name(edge: &str, region: &str) -> String {
+    format!("proxy-{edge}-{region}")
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 fn spawn(spec: &ProcessSpec) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -659,6 +742,7 @@ async fn probe(p: &Probe) -> bool {
         }
         Probe::Tcp { addr } => tokio::net::TcpStream::connect(addr).await.is_ok(),
         Probe::Dns { addr, name } => geodns::query(*addr, name, None).await.is_ok(),
+        Probe::Running => true,
     }
 }
 

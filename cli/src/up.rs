@@ -52,10 +52,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
         _ = shutdown.cancelled() => bail!("interrupted while starting"),
     };
     let planet = Arc::new(Mutex::new(planet));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let control = listener.local_addr()?;
-    planet.lock().await.set_control(control)?;
-    let server = tokio::spawn(serve_control(listener, planet.clone(), shutdown.clone()));
+    let (control, server) = start_control(planet.clone(), shutdown.clone()).await?;
     {
         let p = planet.lock().await;
         println!("{}", p.table());
@@ -188,7 +185,25 @@ pub async fn dns(run_dir: &Path, subnet: &str, server: Option<SocketAddr>) -> an
     Ok(())
 }
 
-type Shared = Arc<Mutex<Planet>>;
+/// A planet shared between its owner and the control API.
+pub type Shared = Arc<Mutex<Planet>>;
+
+/// Serves the control API for `planet` on a free loopback port (recorded
+/// in its `up.json`) until `shutdown`.
+pub async fn start_control(
+    planet: Shared,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    planet.lock().await.set_control(addr)?;
+    let span = tracing::info_span!("control_api", %addr);
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        serve_control(listener, planet, shutdown),
+        span,
+    ));
+    Ok((addr, task))
+}
 
 async fn serve_control(
     listener: tokio::net::TcpListener,

@@ -406,6 +406,25 @@ async fn sigterm_drains_an_edge_under_load_delivering_every_accepted_utterance()
         let expected: Vec<u32> = (1..=numbers.len() as u32).collect();
         assert_eq!(numbers, expected, "session {i}: finals by utterance");
         delivered += numbers.len();
+        // The edge said how much audio it read: midway through the second
+        // sentence, where the last final (the cut utterance) ends.
+        let accepted = transcript
+            .messages
+            .iter()
+            .find_map(|m| match m {
+                earshot_common::client::ServerMessage::Closing(c) => Some(c.audio_accepted),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("session {i}: no closing message"));
+        assert!(
+            accepted > from && accepted < to + 1.0,
+            "session {i}: read {accepted} s"
+        );
+        let last = transcript.finals().last().map_or(0.0, |f| f.end);
+        assert!(
+            last <= accepted + 0.05,
+            "session {i}: final ends at {last}, read {accepted}"
+        );
     }
     // ...and every final a region produced reached its client: none was
     // answered and then dropped by the draining edge.

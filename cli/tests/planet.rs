@@ -18,6 +18,9 @@ use earshot_cli::{assets, speech};
 use earshot_common::client::ClientErrorCode;
 use earshot_common::receipt::ReceiptVerifier;
 
+/// Each test runs a planet of 20-odd processes: one at a time on two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const EU: &str = "10.1.0.0/16";
 const US: &str = "10.2.0.0/16";
 
@@ -67,6 +70,7 @@ async fn stream(url: &str, pcm: &[u8]) -> Transcript {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geodns_moves_eu_clients_to_the_other_eu_edge_and_eu_audio_never_leaves_the_eu() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut planet = start(dir.path()).await;
     let g = planet.topology.geodns().unwrap().clone();
@@ -163,5 +167,101 @@ async fn geodns_moves_eu_clients_to_the_other_eu_edge_and_eu_audio_never_leaves_
         ),
         Some(1.0)
     );
+    assert!(planet.stop().is_empty());
+}
+
+/// A short version of every drill scenario, one after the other on one
+/// planet, through the control API as `earshot drill` uses it: each must
+/// report 0 lost, 0 duplicated and 0 residency violations, and write its
+/// report and a plot naming every region. Times are printed, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_drill_scenario_loses_duplicates_and_leaks_nothing() {
+    use earshot_cli::drill::{self, DrillOptions, Scenario, Target};
+    use tokio_util::sync::CancellationToken;
+
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let planet = start(dir.path()).await;
+    let run_dir = planet.run_dir.clone();
+    let regions: Vec<String> = planet
+        .topology
+        .regions()
+        .iter()
+        .map(|r| r.name.clone())
+        .collect();
+    let shared = std::sync::Arc::new(tokio::sync::Mutex::new(planet));
+    let shutdown = CancellationToken::new();
+    let (_, server) = earshot_cli::up::start_control(shared.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let target = Target::open(&run_dir).unwrap();
+    let options = DrillOptions {
+        before: Duration::from_secs(7),
+        during: Duration::from_secs(4),
+        after: Duration::from_secs(5),
+        eu_clients: 2,
+        us_clients: 1,
+        sentences_per_session: 2,
+        flaps: 2,
+        flap_half: Duration::from_secs(2),
+        progress: false,
+        ..DrillOptions::default()
+    };
+    let scenarios = [
+        ("region-down", vec!["eu-west"]),
+        ("redis-down", vec!["eu-west"]),
+        ("worker-kill", vec!["eu-west"]),
+        ("edge-down", vec!["edge-eu-1"]),
+        ("partition", vec!["edge-eu-1", "eu-west"]),
+        ("az-flap", vec!["eu-west"]),
+    ];
+    for (name, targets) in scenarios {
+        let targets: Vec<String> = targets.into_iter().map(str::to_owned).collect();
+        let scenario = Scenario::parse(name, &targets).unwrap();
+        let report = drill::run(&target, &scenario, &options, &dir.path().join("speech"))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let out = dir.path().join("drills").join(name);
+        drill::write(&report, &out).unwrap();
+        eprintln!(
+            "{}: sent {} finals {} errors {:?} recovery max {:?} s",
+            report.title, report.sent, report.finals, report.errors, report.recovery_max_s
+        );
+        assert!(
+            report.sent > 0 && report.finals > 0,
+            "{}",
+            drill::markdown(&report)
+        );
+        assert_eq!(report.lost, 0, "{}", drill::markdown(&report));
+        assert_eq!(report.duplicated, 0, "{}", drill::markdown(&report));
+        assert_eq!(
+            report.residency_violations,
+            0,
+            "{}",
+            drill::markdown(&report)
+        );
+        // EU clients are only ever served in the EU.
+        assert_eq!(report.served.get("us-east").and_then(|m| m.get("eu")), None);
+        let svg = std::fs::read_to_string(out.join("timeline.svg")).unwrap();
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        for region in &regions {
+            assert!(
+                svg.contains(&format!(">{region}</text>")),
+                "{name}: plot lacks {region}"
+            );
+        }
+        assert!(out.join("report.json").is_file() && out.join("report.md").is_file());
+        // Everything broken came back.
+        let p = shared.lock().await;
+        for process in p.names() {
+            assert!(p.is_running(&process), "{name}: {process} was not restored");
+        }
+    }
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+    let planet = std::sync::Arc::try_unwrap(shared)
+        .ok()
+        .unwrap()
+        .into_inner();
     assert!(planet.stop().is_empty());
 }

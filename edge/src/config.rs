@@ -137,6 +137,11 @@ pub struct UplinkConfig {
     pub breaker_failures: u32,
     /// How long an open breaker skips its region before one probe.
     pub breaker_open_ms: u64,
+    /// `host:port` to dial instead of a region's topology endpoint (a
+    /// local proxy or sidecar), by region name; the region's certificate
+    /// name still comes from the topology. `earshot up` dials through
+    /// proxies a drill can cut (`partition`).
+    pub dial: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for UplinkConfig {
@@ -145,6 +150,7 @@ impl Default for UplinkConfig {
             retry_budget_ms: 20_000,
             breaker_failures: 2,
             breaker_open_ms: 500,
+            dial: Default::default(),
         }
     }
 }

@@ -45,6 +45,10 @@ pub enum StartError {
     Topology(#[from] earshot_common::topology::TopologyError),
     #[error("edge {0:?} is not in the topology: add an [[edge]] entry or fix `name`")]
     UnknownEdge(String),
+    #[error(
+        "uplink.dial names region {0:?}, which is not one this edge may use: list only regions of the edge's permitted regions"
+    )]
+    UnknownDial(String),
     #[error(transparent)]
     Tls(#[from] earshot_common::tls::TlsError),
     #[error(transparent)]
@@ -108,6 +112,28 @@ impl Edge {
             .ok_or_else(|| StartError::UnknownEdge(config.name.clone()))?
             .clone();
         let permitted = topology.permitted_regions(&edge.name)?;
+        if let Some(name) = config
+            .uplink
+            .dial
+            .keys()
+            .find(|name| !permitted.iter().any(|r| &r.name == *name))
+        {
+            return Err(StartError::UnknownDial(name.clone()));
+        }
+        // Where each region is dialled: the topology's endpoint, or the
+        // config's override (a local proxy); its certificate name stays the
+        // topology's.
+        let dialled: Vec<earshot_common::topology::Region> = permitted
+            .iter()
+            .map(|r| {
+                let mut r = (*r).clone();
+                if let Some(addr) = config.uplink.dial.get(&r.name) {
+                    r.quic = addr.clone();
+                }
+                r
+            })
+            .collect();
+        let permitted: Vec<&earshot_common::topology::Region> = dialled.iter().collect();
         let client = earshot_common::tls::client_config(&config.tls, config.quic)?;
         let receipts = ReceiptVerifier::load(&config.tls.ca, Arc::new(topology.clone()))?;
         let metrics = Arc::new(Metrics::new());

@@ -392,9 +392,19 @@ impl Session {
                 // (the region still answers); their results have no reader.
             }
             End::Close(code, reason) => {
-                // Nothing accepted is lost: cut what is left, deliver every
+                // Nothing accepted is lost: cut what is left, say how much
+                // was read (when the edge is the one closing), deliver every
                 // pending final, then close.
                 self.finalize();
+                if code == close::GOING_AWAY {
+                    let closing = ServerMessage::Closing(earshot_common::client::ClosingMessage {
+                        reason: "shutting_down".into(),
+                        audio_accepted: self.processed as f64 / f64::from(wire::SAMPLE_RATE),
+                    });
+                    if self.send(&mut socket, closing).await.is_err() {
+                        return;
+                    }
+                }
                 let drain = Duration::from_millis(edge.config.limits.drain_timeout_ms);
                 let deadline = Instant::now() + drain;
                 while let Some(done) = tokio::select! {

@@ -17,6 +17,19 @@ pub enum ServerMessage {
     /// translation.
     Translation(TranslationMessage),
     Error(ErrorMessage),
+    /// The edge is closing the session (it is shutting down): it read the
+    /// first `audio_accepted` seconds of audio and no more. Every utterance
+    /// in them still gets its final or error before the close; audio after
+    /// them was not processed: send it again on a new connection.
+    Closing(ClosingMessage),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClosingMessage {
+    /// `shutting_down`.
+    pub reason: String,
+    /// Seconds of the session's audio the edge read.
+    pub audio_accepted: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
