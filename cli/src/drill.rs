@@ -409,7 +409,8 @@ pub async fn run(
 
 /// For each client served through the broken part just before the fault:
 /// seconds from the fault, or from the end of its sentence when that came
-/// later, to its first final after the fault.
+/// later, to its first final after the fault (for `edge-down`, from the
+/// fault: the client had to reconnect before it could speak again).
 fn recovery(scenario: &Scenario, records: &[Record], fault_at: f64) -> Vec<f64> {
     let mut last_before: BTreeMap<usize, &Record> = BTreeMap::new();
     // Per client: (arrival, wait) of its earliest final after the fault.
@@ -422,8 +423,17 @@ fn recovery(scenario: &Scenario, records: &[Record], fault_at: f64) -> Vec<f64> 
             if last_before.get(&r.client).is_none_or(|p| final_at(p) < *at) {
                 last_before.insert(r.client, r);
             }
-        } else {
-            let waited = at - r.spoken_at.max(fault_at);
+        } else if *at >= r.spoken_at {
+            // (A final before its sentence ended is one a draining edge
+            // cut short: it says nothing about recovery.) A client whose
+            // edge went away could not speak until it reconnected: its
+            // wait counts from the fault. Others kept speaking: from the
+            // fault or the end of their sentence, whichever is later.
+            let waited = if matches!(scenario, Scenario::EdgeDown { .. }) {
+                at - fault_at
+            } else {
+                at - r.spoken_at.max(fault_at)
+            };
             let entry = first_after.entry(r.client).or_insert((*at, waited));
             if *at < entry.0 {
                 *entry = (*at, waited);
@@ -841,5 +851,20 @@ mod tests {
         let r = recovery(&s, &records, 10.0);
         assert_eq!(r.len(), 1);
         assert!((r[0] - 1.2).abs() < 1e-9, "{r:?}");
+
+        // edge-down: the drain's cut final (before its sentence ended) is
+        // no recovery; the reconnected session's first final is, counted
+        // from the fault.
+        let e = Scenario::EdgeDown {
+            edge: "edge-eu-1".into(),
+        };
+        let records = [
+            record(0, "edge-eu-1", "eu-west", 1.0, 1.5),
+            record(0, "edge-eu-1", "eu-west", 11.0, 10.2),
+            record(0, "edge-eu-2", "eu-west", 14.5, 15.0),
+        ];
+        let r = recovery(&e, &records, 10.0);
+        assert_eq!(r.len(), 1);
+        assert!((r[0] - 5.0).abs() < 1e-9, "{r:?}");
     }
 }

@@ -807,7 +807,7 @@ pub fn down(run_dir: &Path, within: Duration) -> anyhow::Result<()> {
         return Ok(());
     }
     let deadline = Instant::now() + within;
-    while Path::new(&format!("/proc/{}", run.pid)).exists() {
+    while processes::alive(run.pid) {
         if Instant::now() > deadline {
             bail!(
                 "earshot up (pid {}) did not stop within {within:?}",

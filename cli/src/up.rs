@@ -104,7 +104,7 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let run_dir = std::path::absolute(&args.run_dir)?;
     if let Ok(run) = RunFile::read(&run_dir)
-        && Path::new(&format!("/proc/{}", run.pid)).exists()
+        && crate::processes::alive(run.pid)
     {
         bail!(
             "a planet is already running from {} (pid {}): stop it with `earshot down --run-dir {}`",

@@ -265,3 +265,77 @@ async fn every_drill_scenario_loses_duplicates_and_leaks_nothing() {
         .into_inner();
     assert!(planet.stop().is_empty());
 }
+
+/// The commands as an SRE types them: `earshot up --detach`, `earshot dns`,
+/// a short `earshot drill` against it, `earshot down` — every process of
+/// the planet gone afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn earshot_up_detach_dns_drill_and_down_from_the_command_line() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology/local.toml");
+    let topology = dir.path().join("topology.toml");
+    std::fs::write(&topology, with_free_ports(&std::fs::read_to_string(local).unwrap()).unwrap())
+        .unwrap();
+    let run_dir = dir.path().join("run");
+    let earshot = assets::binary("earshot").unwrap();
+    let cli = |args: &[&str]| {
+        let out = Command::new(&earshot)
+            .args(args)
+            .args(["--run-dir".as_ref(), run_dir.as_os_str()])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, out) = cli(&["up", "--detach", "--topology", topology.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    for process in ["s3", "redis-eu-west", "eu-central-worker", "edge-us", "gdnsd"] {
+        assert!(out.contains(process), "the table lacks {process}:\n{out}");
+    }
+    let run = earshot_cli::planet::RunFile::read(&run_dir).unwrap();
+    let alive = earshot_cli::processes::alive;
+    assert!(run.processes.len() >= 20, "{:?}", run.processes);
+    assert!(run.processes.iter().all(|p| alive(p.pid)));
+
+    let (ok, out) = cli(&["dns", "10.1.0.0/16"]);
+    assert!(ok && out.contains("edge-eu-1"), "{out}");
+    let (ok, out) = cli(&["dns", "10.2.0.0/16"]);
+    assert!(ok && out.contains("edge-us"), "{out}");
+
+    let report = dir.path().join("report");
+    let (ok, out) = cli(&[
+        "drill",
+        "worker-kill",
+        "eu-central",
+        "--before",
+        "5",
+        "--during",
+        "2",
+        "--after",
+        "3",
+        "--eu-clients",
+        "1",
+        "--us-clients",
+        "1",
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("# Drill: worker-kill eu-central — PASS"), "{out}");
+    assert!(report.join("timeline.svg").is_file());
+
+    // The drill restarted what it killed: up.json has its new pid.
+    let run = earshot_cli::planet::RunFile::read(&run_dir).unwrap();
+    assert!(run.processes.iter().all(|p| alive(p.pid)), "{:?}", run.processes);
+    let (ok, out) = cli(&["down"]);
+    assert!(ok, "{out}");
+    assert!(!alive(run.pid), "earshot up still runs");
+    for p in &run.processes {
+        assert!(!alive(p.pid), "{} (pid {}) still runs after earshot down", p.name, p.pid);
+    }
+}

@@ -34,6 +34,11 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// the result channel.
 const RESULT_POLL: Duration = Duration::from_secs(1);
 
+/// How often a waiting utterance checks the result channel, and how long
+/// the channel may be down before the utterance is handed back.
+const SUBSCRIPTION_CHECK: Duration = Duration::from_millis(100);
+const SUBSCRIPTION_GRACE: Duration = Duration::from_millis(500);
+
 pub struct Ingress {
     pub region: String,
     pub topology: Arc<Topology>,
@@ -394,16 +399,36 @@ impl Ingress {
         }
         // The result comes on the channel; the record is read now and then
         // too, for a result published while this ingress was not subscribed.
+        // When the channel has been down for SUBSCRIPTION_GRACE (Redis is
+        // gone), the utterance is handed back as `queue_unavailable`, so the
+        // edge tries the next permitted region at once instead of waiting
+        // for Redis; a retry here once Redis is back is answered from the
+        // same job's record (deduplicated), never transcribed twice.
         let deadline = tokio::time::Instant::now() + self.result_timeout;
+        let mut poll = tokio::time::interval(RESULT_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.reset();
+        let mut watch = tokio::time::interval(SUBSCRIPTION_CHECK);
+        let mut lost_since: Option<tokio::time::Instant> = None;
         let bytes = loop {
-            let poll = tokio::time::sleep(RESULT_POLL);
             tokio::select! {
                 got = &mut waiting => match got {
                     Ok(bytes) => break Some(bytes.to_vec()),
                     Err(_) => break None,
                 },
                 _ = tokio::time::sleep_until(deadline) => break None,
-                _ = poll => {
+                now = watch.tick() => {
+                    if self.router.is_subscribed() {
+                        lost_since = None;
+                    } else if now.duration_since(*lost_since.get_or_insert(now)) >= SUBSCRIPTION_GRACE {
+                        give_up(waiting);
+                        self.metrics.handed_back.inc();
+                        return unavailable(format!(
+                            "lost the result channel (Redis) for {SUBSCRIPTION_GRACE:?} while this utterance waited; handed back"
+                        ));
+                    }
+                }
+                _ = poll.tick() => {
                     let mut conn = self.redis.clone();
                     let read = tokio::time::timeout(
                         self.redis_timeout,

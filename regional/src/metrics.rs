@@ -71,6 +71,9 @@ pub struct Metrics {
     pub results_polled: Counter,
     pub dead_letters: Counter,
     pub results_unrouted: Counter,
+    /// Utterances handed back to the edge because the result channel was
+    /// lost while they waited.
+    pub handed_back: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,6 +104,7 @@ impl Metrics {
             results_polled: Counter::default(),
             dead_letters: Counter::default(),
             results_unrouted: Counter::default(),
+            handed_back: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -187,6 +191,11 @@ impl Metrics {
             "results_unrouted",
             "Results that reached this ingress for no waiting stream (the edge went away or retried elsewhere); dropped",
             m.results_unrouted.clone(),
+        );
+        registry.register(
+            "handed_back",
+            "Utterances handed back to the edge (queue_unavailable) because the result channel (Redis) was lost while they waited",
+            m.handed_back.clone(),
         );
         Metrics { registry, ..m }
     }
