@@ -147,9 +147,27 @@ pub struct Planet {
     control: Option<SocketAddr>,
 }
 
-impl Planet {
-    /// Starts every part in dependency order and returns once each is ready.
-    pub async fn start(options: &PlanetOptions) -> anyhow::Result<Planet> {
+/// A UDP relay on the path from an edge to a region.
+struct ProxyPlan {
+    name: String,
+    region: String,
+    listen: SocketAddr,
+    to: SocketAddr,
+}
+
+/// The planet's files, written before anything starts: the topology as
+/// run, certificates and every node's config.
+struct Layout {
+    run_dir: PathBuf,
+    topology: Topology,
+    s3: SocketAddr,
+    deployment: Deployment,
+    redis_ports: BTreeMap<String, u16>,
+    proxies: Vec<ProxyPlan>,
+}
+
+impl Layout {
+    fn write(options: &PlanetOptions) -> anyhow::Result<Layout> {
         let run_dir = std::path::absolute(&options.run_dir)?;
         if run_dir.exists() {
             std::fs::remove_dir_all(&run_dir)
@@ -162,11 +180,11 @@ impl Planet {
             .with_context(|| format!("cannot read {}", options.topology.display()))?;
         let topology = Topology::from_toml_str(&text)
             .with_context(|| format!("{} is not a valid topology", options.topology.display()))?;
-        let g = geodns::settings(&topology)?.clone();
+        let geodns = geodns::settings(&topology)?.clone();
         let registry = topology.registry().context(
             "the topology has no [registry] table: `earshot up` serves the model registry from it",
         )?;
-        let s3_addr = registry
+        let s3 = registry
             .endpoint
             .as_deref()
             .and_then(|e| e.strip_prefix("http://"))
@@ -192,7 +210,7 @@ impl Planet {
             })?;
             let redis_port = crate::redis_server::free_port()?;
             redis_ports.insert(r.name.clone(), redis_port);
-            let models = run_dir.join("data").join(&r.name).join("models");
+            let current = models_dir(&run_dir, &r.name).join("current");
             deployment.regions.push(RegionSpec {
                 name: r.name.clone(),
                 jurisdiction: r.jurisdiction.clone(),
@@ -202,7 +220,7 @@ impl Planet {
                 // The ingress node runs no workers: they are their own
                 // process (`<region>-worker`), which `worker-kill` kills.
                 workers: 0,
-                extra: format!("[worker]\nmodel = {:?}\n", models.join("current")),
+                extra: format!("[worker]\nmodel = {current:?}\n"),
             });
         }
         // Every edge dials each of its regions through a UDP proxy of its
@@ -212,14 +230,13 @@ impl Planet {
             let mut dial = toml::Table::new();
             for region in topology.permitted_regions(&e.name)? {
                 let listen = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
-                let to: SocketAddr = region.quic.parse()?;
                 dial.insert(region.name.clone(), listen.to_string().into());
-                proxies.push((
-                    proxy_name(&e.name, &region.name),
-                    region.name.clone(),
+                proxies.push(ProxyPlan {
+                    name: proxy_name(&e.name, &region.name),
+                    region: region.name.clone(),
                     listen,
-                    to,
-                ));
+                    to: region.quic.parse()?,
+                });
             }
             let mut uplink = toml::Table::new();
             uplink.insert("dial".into(), dial.into());
@@ -230,208 +247,253 @@ impl Planet {
                 jurisdiction: e.jurisdiction.clone(),
                 regions: e.regions.clone(),
                 address: e.address.clone().unwrap_or_else(|| "127.0.0.1".into()),
-                http_port: g.port,
+                http_port: geodns.port,
                 extra: format!("\n{extra}"),
             });
         }
         deployment.write_with_topology(&text)?;
-        let topology = Arc::new(topology);
-        let topology_path = deployment.topology_path();
-        let ca = certs::ca_path(&deployment.certs_dir());
+        Ok(Layout {
+            run_dir,
+            topology,
+            s3,
+            deployment,
+            redis_ports,
+            proxies,
+        })
+    }
 
+    fn log(&self, name: &str) -> PathBuf {
+        self.run_dir.join("logs").join(format!("{name}.log"))
+    }
+}
+
+/// Where region `region`'s sync agent keeps its models (`current` → the
+/// active version).
+fn models_dir(run_dir: &Path, region: &str) -> PathBuf {
+    run_dir.join("data").join(region).join("models")
+}
+
+/// The environment of processes that reach the embedded S3 server.
+fn s3_env() -> Vec<(String, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID".to_owned(), S3_KEY.0.to_owned()),
+        ("AWS_SECRET_ACCESS_KEY".to_owned(), S3_KEY.1.to_owned()),
+        ("RUST_LOG".to_owned(), "info".to_owned()),
+    ]
+}
+
+fn info_log() -> Vec<(String, String)> {
+    vec![("RUST_LOG".into(), "info".into())]
+}
+
+impl Planet {
+    /// Starts every part in dependency order and returns once each is ready.
+    pub async fn start(options: &PlanetOptions) -> anyhow::Result<Planet> {
+        let layout = Layout::write(options)?;
         let mut planet = Planet {
-            run_dir: run_dir.clone(),
-            topology: topology.clone(),
-            topology_path: topology_path.clone(),
-            ca,
+            run_dir: layout.run_dir.clone(),
+            topology: Arc::new(layout.topology.clone()),
+            topology_path: layout.deployment.topology_path(),
+            ca: certs::ca_path(&layout.deployment.certs_dir()),
             specs: Vec::new(),
             children: BTreeMap::new(),
             gdnsd: None,
             control: None,
         };
-        let registry_bin = assets::binary("earshot-registry")?;
-        let s3_env = vec![
-            ("AWS_ACCESS_KEY_ID".to_owned(), S3_KEY.0.to_owned()),
-            ("AWS_SECRET_ACCESS_KEY".to_owned(), S3_KEY.1.to_owned()),
-            ("RUST_LOG".to_owned(), "info".to_owned()),
-        ];
-        let log = |name: &str| run_dir.join("logs").join(format!("{name}.log"));
-
-        // The registry: S3 first, then the model published through it.
-        planet
-            .launch(ProcessSpec {
-                name: "s3".into(),
-                role: Role::S3,
-                region: None,
-                program: registry_bin.clone(),
-                args: vec![
-                    "serve-s3".into(),
-                    "--root".into(),
-                    run_dir.join("data").join("s3").into(),
-                    "--listen".into(),
-                    s3_addr.to_string().into(),
-                ],
-                env: s3_env.clone(),
-                log: log("s3"),
-                probe: Probe::Tcp { addr: s3_addr },
-                listen: format!("http://{s3_addr}"),
-            })
-            .await?;
-        publish_model(
-            &topology,
-            &options.model,
-            &run_dir.join("data").join("publish"),
-        )
-        .await?;
-
-        for r in &deployment.regions {
-            let redis_port = redis_ports[&r.name];
-            let redis_dir = run_dir.join("data").join(&r.name).join("redis");
-            std::fs::create_dir_all(&redis_dir)?;
-            let redis_addr = SocketAddr::from(([127, 0, 0, 1], redis_port));
+        planet.start_registry(&layout, &options.model).await?;
+        for region in &layout.deployment.regions {
             planet
-                .launch(ProcessSpec {
-                    name: format!("redis-{}", r.name),
-                    role: Role::Redis,
-                    region: Some(r.name.clone()),
-                    program: "redis-server".into(),
-                    args: crate::redis_server::args(redis_port, &redis_dir),
-                    env: Vec::new(),
-                    log: log(&format!("redis-{}", r.name)),
-                    probe: Probe::Tcp { addr: redis_addr },
-                    listen: redis_addr.to_string(),
-                })
-                .await?;
-
-            let sync_port = crate::redis_server::free_port()?;
-            let sync_config = deployment.dir.join(format!("sync-{}.toml", r.name));
-            std::fs::write(
-                &sync_config,
-                format!(
-                    "node = \"{name}-0\"\nregion = \"{name}\"\ntopology = {topology:?}\nmodel = \"whisper\"\n\
-                     models_dir = {models:?}\npoll_interval_ms = 1000\nhttp_listen = \"127.0.0.1:{sync_port}\"\n",
-                    name = r.name,
-                    topology = topology_path,
-                    models = run_dir.join("data").join(&r.name).join("models"),
-                ),
-            )?;
-            planet
-                .launch(ProcessSpec {
-                    name: format!("sync-{}", r.name),
-                    role: Role::Sync,
-                    region: Some(r.name.clone()),
-                    program: registry_bin.clone(),
-                    args: vec!["sync".into(), "--config".into(), sync_config.into()],
-                    env: s3_env.clone(),
-                    log: log(&format!("sync-{}", r.name)),
-                    probe: Probe::Http {
-                        addr: SocketAddr::from(([127, 0, 0, 1], sync_port)),
-                        path: "/healthz".into(),
-                    },
-                    listen: format!("127.0.0.1:{sync_port}"),
-                })
-                .await?;
-            wait_for_model(
-                &run_dir.join("data").join(&r.name).join("models"),
-                &log(&format!("sync-{}", r.name)),
-            )
-            .await?;
-
-            let http = SocketAddr::from(([127, 0, 0, 1], r.http_port));
-            planet
-                .launch(ProcessSpec {
-                    name: r.name.clone(),
-                    role: Role::Regional,
-                    region: Some(r.name.clone()),
-                    program: assets::binary("earshot-regional")?,
-                    args: vec![
-                        "--config".into(),
-                        deployment.regional_config(&r.name).into(),
-                    ],
-                    env: vec![("RUST_LOG".into(), "info".into())],
-                    log: log(&r.name),
-                    probe: Probe::Http {
-                        addr: http,
-                        path: "/readyz".into(),
-                    },
-                    listen: format!("quic 127.0.0.1:{} http {http}", r.quic_port),
-                })
-                .await?;
-
-            let worker = format!("{}-worker", r.name);
-            let worker_http = crate::redis_server::free_port()?;
-            let worker_config = deployment.dir.join(format!("{worker}.toml"));
-            std::fs::write(
-                &worker_config,
-                deployment.worker_toml(r, &worker, options.workers, worker_http),
-            )?;
-            planet
-                .launch(ProcessSpec {
-                    name: worker.clone(),
-                    role: Role::Worker,
-                    region: Some(r.name.clone()),
-                    program: assets::binary("earshot-regional")?,
-                    args: vec!["--config".into(), worker_config.into()],
-                    env: vec![("RUST_LOG".into(), "info".into())],
-                    log: log(&worker),
-                    probe: Probe::Http {
-                        addr: SocketAddr::from(([127, 0, 0, 1], worker_http)),
-                        path: "/readyz".into(),
-                    },
-                    listen: format!("http 127.0.0.1:{worker_http}"),
-                })
+                .start_region(&layout, region, options.workers)
                 .await?;
         }
-        let proxy_bin = assets::binary("earshot")?;
-        for (name, region, listen, to) in proxies {
-            planet
-                .launch(ProcessSpec {
-                    log: log(&name),
-                    name,
-                    role: Role::Proxy,
-                    region: Some(region),
-                    program: proxy_bin.clone(),
-                    args: vec![
-                        "udp-proxy".into(),
-                        "--listen".into(),
-                        listen.to_string().into(),
-                        "--to".into(),
-                        to.to_string().into(),
-                    ],
-                    env: vec![("RUST_LOG".into(), "info".into())],
-                    probe: Probe::Running,
-                    listen: format!("udp {listen} -> {to}"),
-                })
-                .await?;
-        }
-        for e in &deployment.edges {
-            let addr = SocketAddr::new(e.address.parse()?, e.http_port);
-            planet
-                .launch(ProcessSpec {
-                    name: e.name.clone(),
-                    role: Role::Edge,
-                    region: None,
-                    program: assets::binary("earshot-edge")?,
-                    args: vec!["--config".into(), deployment.edge_config(&e.name).into()],
-                    env: vec![("RUST_LOG".into(), "info".into())],
-                    log: log(&e.name),
-                    probe: Probe::Http {
-                        addr,
-                        path: "/readyz".into(),
-                    },
-                    listen: format!("ws://{addr}/v1/listen"),
-                })
-                .await?;
-        }
+        planet.start_edges(&layout).await?;
         let gdnsd = Gdnsd::start(
-            &topology,
-            &run_dir.join("deploy").join("gdnsd"),
-            &log("gdnsd"),
+            &layout.topology,
+            &layout.run_dir.join("deploy").join("gdnsd"),
+            &layout.log("gdnsd"),
         )
         .await?;
         planet.gdnsd = Some(gdnsd);
         planet.write_run_file()?;
         Ok(planet)
+    }
+
+    /// The embedded S3 server, and the model published through it.
+    async fn start_registry(&mut self, layout: &Layout, model: &Path) -> anyhow::Result<()> {
+        let s3 = layout.s3;
+        self.launch(ProcessSpec {
+            name: "s3".into(),
+            role: Role::S3,
+            region: None,
+            program: assets::binary("earshot-registry")?,
+            args: vec![
+                "serve-s3".into(),
+                "--root".into(),
+                layout.run_dir.join("data").join("s3").into(),
+                "--listen".into(),
+                s3.to_string().into(),
+            ],
+            env: s3_env(),
+            log: layout.log("s3"),
+            probe: Probe::Tcp { addr: s3 },
+            listen: format!("http://{s3}"),
+        })
+        .await?;
+        publish_model(
+            &layout.topology,
+            model,
+            &layout.run_dir.join("data").join("publish"),
+        )
+        .await
+    }
+
+    /// A region's Redis, sync agent (waiting until it activated the model),
+    /// ingress node and worker process.
+    async fn start_region(
+        &mut self,
+        layout: &Layout,
+        r: &RegionSpec,
+        workers: usize,
+    ) -> anyhow::Result<()> {
+        let run_dir = &layout.run_dir;
+        let redis_port = layout.redis_ports[&r.name];
+        let redis_dir = run_dir.join("data").join(&r.name).join("redis");
+        std::fs::create_dir_all(&redis_dir)?;
+        let redis_addr = SocketAddr::from(([127, 0, 0, 1], redis_port));
+        let redis = format!("redis-{}", r.name);
+        self.launch(ProcessSpec {
+            log: layout.log(&redis),
+            name: redis,
+            role: Role::Redis,
+            region: Some(r.name.clone()),
+            program: "redis-server".into(),
+            args: crate::redis_server::args(redis_port, &redis_dir),
+            env: Vec::new(),
+            probe: Probe::Tcp { addr: redis_addr },
+            listen: redis_addr.to_string(),
+        })
+        .await?;
+
+        let sync = format!("sync-{}", r.name);
+        let sync_port = crate::redis_server::free_port()?;
+        let sync_config = layout.deployment.dir.join(format!("{sync}.toml"));
+        let models = models_dir(run_dir, &r.name);
+        std::fs::write(
+            &sync_config,
+            format!(
+                "node = \"{name}-0\"\nregion = \"{name}\"\ntopology = {topology:?}\nmodel = \"whisper\"\n\
+                 models_dir = {models:?}\npoll_interval_ms = 1000\nhttp_listen = \"127.0.0.1:{sync_port}\"\n",
+                name = r.name,
+                topology = layout.deployment.topology_path(),
+            ),
+        )?;
+        self.launch(ProcessSpec {
+            log: layout.log(&sync),
+            name: sync.clone(),
+            role: Role::Sync,
+            region: Some(r.name.clone()),
+            program: assets::binary("earshot-registry")?,
+            args: vec!["sync".into(), "--config".into(), sync_config.into()],
+            env: s3_env(),
+            probe: Probe::Http {
+                addr: SocketAddr::from(([127, 0, 0, 1], sync_port)),
+                path: "/healthz".into(),
+            },
+            listen: format!("127.0.0.1:{sync_port}"),
+        })
+        .await?;
+        wait_for_model(&models, &layout.log(&sync)).await?;
+
+        let http = SocketAddr::from(([127, 0, 0, 1], r.http_port));
+        self.launch(ProcessSpec {
+            name: r.name.clone(),
+            role: Role::Regional,
+            region: Some(r.name.clone()),
+            program: assets::binary("earshot-regional")?,
+            args: vec![
+                "--config".into(),
+                layout.deployment.regional_config(&r.name).into(),
+            ],
+            env: info_log(),
+            log: layout.log(&r.name),
+            probe: Probe::Http {
+                addr: http,
+                path: "/readyz".into(),
+            },
+            listen: format!("quic 127.0.0.1:{} http {http}", r.quic_port),
+        })
+        .await?;
+
+        let worker = format!("{}-worker", r.name);
+        let worker_http = crate::redis_server::free_port()?;
+        let worker_config = layout.deployment.dir.join(format!("{worker}.toml"));
+        std::fs::write(
+            &worker_config,
+            layout
+                .deployment
+                .worker_toml(r, &worker, workers, worker_http),
+        )?;
+        self.launch(ProcessSpec {
+            log: layout.log(&worker),
+            name: worker,
+            role: Role::Worker,
+            region: Some(r.name.clone()),
+            program: assets::binary("earshot-regional")?,
+            args: vec!["--config".into(), worker_config.into()],
+            env: info_log(),
+            probe: Probe::Http {
+                addr: SocketAddr::from(([127, 0, 0, 1], worker_http)),
+                path: "/readyz".into(),
+            },
+            listen: format!("http 127.0.0.1:{worker_http}"),
+        })
+        .await
+    }
+
+    /// The UDP proxies on the edges' paths to their regions, then the edges.
+    async fn start_edges(&mut self, layout: &Layout) -> anyhow::Result<()> {
+        for p in &layout.proxies {
+            self.launch(ProcessSpec {
+                name: p.name.clone(),
+                role: Role::Proxy,
+                region: Some(p.region.clone()),
+                program: assets::binary("earshot")?,
+                args: vec![
+                    "udp-proxy".into(),
+                    "--listen".into(),
+                    p.listen.to_string().into(),
+                    "--to".into(),
+                    p.to.to_string().into(),
+                ],
+                env: info_log(),
+                log: layout.log(&p.name),
+                probe: Probe::Running,
+                listen: format!("udp {} -> {}", p.listen, p.to),
+            })
+            .await?;
+        }
+        for e in &layout.deployment.edges {
+            let addr = SocketAddr::new(e.address.parse()?, e.http_port);
+            self.launch(ProcessSpec {
+                name: e.name.clone(),
+                role: Role::Edge,
+                region: None,
+                program: assets::binary("earshot-edge")?,
+                args: vec![
+                    "--config".into(),
+                    layout.deployment.edge_config(&e.name).into(),
+                ],
+                env: info_log(),
+                log: layout.log(&e.name),
+                probe: Probe::Http {
+                    addr,
+                    path: "/readyz".into(),
+                },
+                listen: format!("ws://{addr}/v1/listen"),
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Starts `spec` and waits until it is ready.

@@ -275,8 +275,11 @@ async fn earshot_up_detach_dns_drill_and_down_from_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topology/local.toml");
     let topology = dir.path().join("topology.toml");
-    std::fs::write(&topology, with_free_ports(&std::fs::read_to_string(local).unwrap()).unwrap())
-        .unwrap();
+    std::fs::write(
+        &topology,
+        with_free_ports(&std::fs::read_to_string(local).unwrap()).unwrap(),
+    )
+    .unwrap();
     let run_dir = dir.path().join("run");
     let earshot = assets::binary("earshot").unwrap();
     let cli = |args: &[&str]| {
@@ -294,7 +297,13 @@ async fn earshot_up_detach_dns_drill_and_down_from_the_command_line() {
     };
     let (ok, out) = cli(&["up", "--detach", "--topology", topology.to_str().unwrap()]);
     assert!(ok, "{out}");
-    for process in ["s3", "redis-eu-west", "eu-central-worker", "edge-us", "gdnsd"] {
+    for process in [
+        "s3",
+        "redis-eu-west",
+        "eu-central-worker",
+        "edge-us",
+        "gdnsd",
+    ] {
         assert!(out.contains(process), "the table lacks {process}:\n{out}");
     }
     let run = earshot_cli::planet::RunFile::read(&run_dir).unwrap();
@@ -326,16 +335,28 @@ async fn earshot_up_detach_dns_drill_and_down_from_the_command_line() {
         report.to_str().unwrap(),
     ]);
     assert!(ok, "{out}");
-    assert!(out.contains("# Drill: worker-kill eu-central — PASS"), "{out}");
+    assert!(
+        out.contains("# Drill: worker-kill eu-central — PASS"),
+        "{out}"
+    );
     assert!(report.join("timeline.svg").is_file());
 
     // The drill restarted what it killed: up.json has its new pid.
     let run = earshot_cli::planet::RunFile::read(&run_dir).unwrap();
-    assert!(run.processes.iter().all(|p| alive(p.pid)), "{:?}", run.processes);
+    assert!(
+        run.processes.iter().all(|p| alive(p.pid)),
+        "{:?}",
+        run.processes
+    );
     let (ok, out) = cli(&["down"]);
     assert!(ok, "{out}");
     assert!(!alive(run.pid), "earshot up still runs");
     for p in &run.processes {
-        assert!(!alive(p.pid), "{} (pid {}) still runs after earshot down", p.name, p.pid);
+        assert!(
+            !alive(p.pid),
+            "{} (pid {}) still runs after earshot down",
+            p.name,
+            p.pid
+        );
     }
 }
