@@ -40,6 +40,11 @@ enum Cmd {
         /// Run in the background; stop it with `earshot down`.
         #[arg(long)]
         detach: bool,
+        /// Pick free ports for everything instead of the topology's (QUIC,
+        /// the edges' port, DNS, S3): beside another planet, or when 8080 or
+        /// 5353 is taken.
+        #[arg(long)]
+        free_ports: bool,
     },
     /// Stop the planet `earshot up` runs from a run directory.
     Down {
@@ -335,12 +340,14 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             run_dir,
             workers,
             detach,
+            free_ports,
         } => {
             let args = up::UpArgs {
                 topology,
                 run_dir,
                 workers,
                 detach,
+                free_ports,
             };
             up::up(&args).await
         }

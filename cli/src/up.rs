@@ -29,6 +29,7 @@ pub struct UpArgs {
     pub run_dir: PathBuf,
     pub workers: usize,
     pub detach: bool,
+    pub free_ports: bool,
 }
 
 /// `earshot up`: starts the planet, prints its table, and runs until
@@ -40,8 +41,17 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(earshot_common::signals::cancel_on_signal(shutdown.clone()));
+    let mut topology = args.topology.clone();
+    if args.free_ports {
+        // A copy beside the run directory (which the planet wipes).
+        let text = std::fs::read_to_string(&topology)
+            .with_context(|| format!("cannot read {}", topology.display()))?;
+        let copy = std::path::absolute(&args.run_dir)?.with_extension("topology.toml");
+        std::fs::write(&copy, crate::planet::with_free_ports(&text)?)?;
+        topology = copy;
+    }
     let options = PlanetOptions {
-        topology: args.topology.clone(),
+        topology,
         run_dir: args.run_dir.clone(),
         model: assets::real_model("whisper-tiny.en")?,
         workers: args.workers,
@@ -125,6 +135,7 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
         .arg(&run_dir)
         .arg("--workers")
         .arg(args.workers.to_string())
+        .args(args.free_ports.then_some("--free-ports"))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
