@@ -132,12 +132,13 @@ impl Scenario {
         }
     }
 
-    /// The processes broken, in the order they are broken, and how.
+    /// The processes broken, in the order they are broken (the reverse of
+    /// the planet's start order, which restores them), and how.
     fn faults(&self) -> Vec<(String, &'static str)> {
         match self {
             Scenario::RegionDown { region } => vec![
-                (region.clone(), "kill"),
                 (format!("{region}-worker"), "kill"),
+                (region.clone(), "kill"),
                 (format!("sync-{region}"), "kill"),
                 (format!("redis-{region}"), "kill"),
             ],
@@ -223,6 +224,8 @@ pub struct Report {
     /// sentence, when later) to its first final after the fault.
     pub recovery_s: Vec<f64>,
     pub recovery_max_s: Option<f64>,
+    /// Affected clients that got no final after the fault at all.
+    pub unrecovered: usize,
     pub before: Summary,
     pub during: Summary,
     pub after: Summary,
@@ -332,7 +335,7 @@ pub async fn run(
             if cycle + 1 == cycles {
                 dns_during = dns_now().await;
             }
-            // Restore in start order: what was broken last started first.
+            // Restore in start order (faults are listed in reverse of it).
             for (name, _) in faults.iter().rev() {
                 up::control(target.control, name, "restart").await?;
             }
@@ -347,6 +350,11 @@ pub async fn run(
     let dns_during = match outcome {
         Ok(d) => d,
         Err(e) => {
+            // Leave the planet whole: start again whatever is still down
+            // ("already running" answers are expected and ignored).
+            for (name, _) in scenario.faults().iter().rev() {
+                let _ = up::control(target.control, name, "restart").await;
+            }
             stop.cancel();
             let _ = load_task.await;
             return Err(e.context("breaking or restoring the planet"));
@@ -373,7 +381,8 @@ pub async fn run(
         let after = dns_after.get(&k).cloned().unwrap_or_default();
         dns.insert(k, [before, during, after]);
     }
-    let recovery_s = recovery(scenario, &records, fault_at);
+    let recovered = recovery(scenario, &records, fault_at);
+    let recovery_s = recovered.seconds;
     let report = Report {
         scenario: scenario.clone(),
         title: scenario.title(),
@@ -391,6 +400,7 @@ pub async fn run(
         residency_violations: all.residency_violations,
         recovery_max_s: recovery_s.iter().copied().reduce(f64::max),
         recovery_s,
+        unrecovered: recovered.unrecovered,
         before: phase(f64::MIN, fault_at),
         during: phase(fault_at, restored_at),
         after: phase(restored_at, f64::MAX),
@@ -411,45 +421,64 @@ pub async fn run(
 /// seconds from the fault, or from the end of its sentence when that came
 /// later, to its first final after the fault (for `edge-down`, from the
 /// fault: the client had to reconnect before it could speak again).
-fn recovery(scenario: &Scenario, records: &[Record], fault_at: f64) -> Vec<f64> {
+fn recovery(scenario: &Scenario, records: &[Record], fault_at: f64) -> Recovery {
     let mut last_before: BTreeMap<usize, &Record> = BTreeMap::new();
-    // Per client: (arrival, wait) of its earliest final after the fault.
+    for r in records {
+        if let Outcome::Final { at, .. } = &r.outcome
+            && *at < fault_at
+            && last_before.get(&r.client).is_none_or(|p| final_at(p) < *at)
+        {
+            last_before.insert(r.client, r);
+        }
+    }
+    let affected: BTreeMap<usize, &Record> = last_before
+        .into_iter()
+        .filter(|(_, r)| match &r.outcome {
+            Outcome::Final { region, .. } => scenario.touches(r, region),
+            _ => false,
+        })
+        .collect();
+    // Per affected client: (arrival, wait) of its earliest final after the
+    // fault. A final before its sentence ended is one a draining edge cut
+    // short, and a client whose edge went away recovers only in a new
+    // session, counted from the fault (it could not speak until it
+    // reconnected). Others kept speaking: from the fault or the end of
+    // their sentence, whichever is later.
+    let edge_down = matches!(scenario, Scenario::EdgeDown { .. });
     let mut first_after: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
     for r in records {
         let Outcome::Final { at, .. } = &r.outcome else {
             continue;
         };
-        if *at < fault_at {
-            if last_before.get(&r.client).is_none_or(|p| final_at(p) < *at) {
-                last_before.insert(r.client, r);
-            }
-        } else if *at >= r.spoken_at {
-            // (A final before its sentence ended is one a draining edge
-            // cut short: it says nothing about recovery.) A client whose
-            // edge went away could not speak until it reconnected: its
-            // wait counts from the fault. Others kept speaking: from the
-            // fault or the end of their sentence, whichever is later.
-            let waited = if matches!(scenario, Scenario::EdgeDown { .. }) {
-                at - fault_at
-            } else {
-                at - r.spoken_at.max(fault_at)
-            };
-            let entry = first_after.entry(r.client).or_insert((*at, waited));
-            if *at < entry.0 {
-                *entry = (*at, waited);
-            }
+        let Some(before) = affected.get(&r.client) else {
+            continue;
+        };
+        if *at < fault_at || *at < r.spoken_at || (edge_down && r.session == before.session) {
+            continue;
+        }
+        let waited = if edge_down {
+            at - fault_at
+        } else {
+            at - r.spoken_at.max(fault_at)
+        };
+        let entry = first_after.entry(r.client).or_insert((*at, waited));
+        if *at < entry.0 {
+            *entry = (*at, waited);
         }
     }
-    let mut out: Vec<f64> = last_before
-        .iter()
-        .filter(|(_, r)| match &r.outcome {
-            Outcome::Final { region, .. } => scenario.touches(r, region),
-            _ => false,
-        })
-        .filter_map(|(client, _)| first_after.get(client).map(|(_, waited)| *waited))
-        .collect();
-    out.sort_by(f64::total_cmp);
-    out
+    let mut seconds: Vec<f64> = first_after.values().map(|(_, waited)| *waited).collect();
+    seconds.sort_by(f64::total_cmp);
+    Recovery {
+        unrecovered: affected.len() - first_after.len(),
+        seconds,
+    }
+}
+
+/// Recovery of the affected clients.
+struct Recovery {
+    seconds: Vec<f64>,
+    /// Affected clients with no final after the fault at all.
+    unrecovered: usize,
 }
 
 fn final_at(r: &Record) -> f64 {
@@ -525,8 +554,9 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         t,
-        "Recovery (affected clients: first final after the fault): {} clients, max {}, all {:?}\n",
+        "Recovery (affected clients: first final after the fault): {} clients, {} without any, max {}, all {:?}\n",
         r.recovery_s.len(),
+        r.unrecovered,
         opt(r.recovery_max_s, 1.0, " s"),
         r.recovery_s
             .iter()
@@ -821,7 +851,8 @@ mod tests {
     #[test]
     fn scenarios_parse_with_their_targets_and_name_what_they_break() {
         let s = Scenario::parse("region-down", &["eu-west".into()]).unwrap();
-        assert_eq!(s.faults()[0], ("eu-west".to_owned(), "kill"));
+        assert_eq!(s.faults()[1], ("eu-west".to_owned(), "kill"));
+        assert_eq!(s.faults()[3], ("redis-eu-west".to_owned(), "kill"));
         assert_eq!(s.faults().len(), 4);
         let p = Scenario::parse("partition", &["edge-eu-1".into(), "eu-west".into()]).unwrap();
         assert_eq!(p.faults(), [("proxy-edge-eu-1-eu-west".to_owned(), "kill")]);
@@ -849,8 +880,8 @@ mod tests {
             record(1, "edge-eu-2", "eu-central", 12.0, 12.4),
         ];
         let r = recovery(&s, &records, 10.0);
-        assert_eq!(r.len(), 1);
-        assert!((r[0] - 1.2).abs() < 1e-9, "{r:?}");
+        assert_eq!((r.seconds.len(), r.unrecovered), (1, 0));
+        assert!((r.seconds[0] - 1.2).abs() < 1e-9, "{:?}", r.seconds);
 
         // edge-down: the drain's cut final (before its sentence ended) is
         // no recovery; the reconnected session's first final is, counted
@@ -858,13 +889,19 @@ mod tests {
         let e = Scenario::EdgeDown {
             edge: "edge-eu-1".into(),
         };
+        let mut next = record(0, "edge-eu-2", "eu-west", 14.5, 15.0);
+        next.session = "t".into();
         let records = [
             record(0, "edge-eu-1", "eu-west", 1.0, 1.5),
             record(0, "edge-eu-1", "eu-west", 11.0, 10.2),
-            record(0, "edge-eu-2", "eu-west", 14.5, 15.0),
+            // Spoken before the fault, answered in the drain: old session.
+            record(0, "edge-eu-1", "eu-west", 9.5, 10.3),
+            next,
+            // A client that never got a final again.
+            record(1, "edge-eu-1", "eu-west", 2.0, 2.5),
         ];
         let r = recovery(&e, &records, 10.0);
-        assert_eq!(r.len(), 1);
-        assert!((r[0] - 5.0).abs() < 1e-9, "{r:?}");
+        assert_eq!((r.seconds.len(), r.unrecovered), (1, 1));
+        assert!((r.seconds[0] - 5.0).abs() < 1e-9, "{:?}", r.seconds);
     }
 }

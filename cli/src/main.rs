@@ -351,7 +351,7 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             };
             up::up(&args).await
         }
-        Cmd::Down { run_dir } => up::down(&run_dir),
+        Cmd::Down { run_dir } => up::down(&run_dir).await,
         Cmd::Drill {
             scenario,
             targets,
@@ -370,10 +370,14 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             use earshot_cli::drill;
             let scenario = drill::Scenario::parse(&scenario, &targets)?;
             let target = drill::Target::open(&run_dir)?;
+            let seconds = |name: &str, v: f64| {
+                Duration::try_from_secs_f64(v)
+                    .with_context(|| format!("--{name} {v}: give a number of seconds, 0 or more"))
+            };
             let options = drill::DrillOptions {
-                before: Duration::from_secs_f64(before),
-                during: Duration::from_secs_f64(during),
-                after: Duration::from_secs_f64(after),
+                before: seconds("before", before)?,
+                during: seconds("during", during)?,
+                after: seconds("after", after)?,
                 eu_clients,
                 us_clients,
                 speed,

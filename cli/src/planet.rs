@@ -97,6 +97,8 @@ pub struct RunFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunningProcess {
     pub name: String,
+    /// What runs (to tell it from another process given the same pid).
+    pub program: PathBuf,
     pub role: Role,
     pub region: Option<String>,
     pub pid: u32,
@@ -579,14 +581,20 @@ impl Planet {
 
     /// Starts process `name` again, the same way, and waits until it is ready.
     pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
-        if self.children.contains_key(name) {
-            bail!("{name} is already running");
+        if let Some(child) = self.children.get_mut(name) {
+            // One that exited and was not reaped yet may be started again.
+            if child.try_wait()?.is_none() {
+                bail!("{name} is already running");
+            }
+            self.children.remove(name);
         }
         let spec = self.spec(name)?.clone();
         let child = spawn(&spec)?;
         self.children.insert(name.to_owned(), child);
-        self.wait_ready(name).await?;
-        self.write_run_file()
+        let ready = self.wait_ready(name).await;
+        // up.json names it either way: running, or (not ready) for `down`.
+        self.write_run_file()?;
+        ready
     }
 
     /// The processes that exited by themselves (not through
@@ -690,6 +698,7 @@ impl Planet {
                 let child = self.children.get(&s.name)?;
                 Some(RunningProcess {
                     name: s.name.clone(),
+                    program: s.program.clone(),
                     role: s.role,
                     region: s.region.clone(),
                     pid: child.id(),
@@ -701,6 +710,7 @@ impl Planet {
         if let Some(gd) = &self.gdnsd {
             processes.push(RunningProcess {
                 name: "gdnsd".into(),
+                program: geodns::gdnsd_binary().unwrap_or_default(),
                 role: Role::Geodns,
                 region: None,
                 pid: gd.pid(),
@@ -736,24 +746,29 @@ impl Planet {
         }
         let order = [
             Role::Edge,
+            Role::Proxy,
             Role::Regional,
+            Role::Worker,
             Role::Sync,
             Role::Redis,
             Role::S3,
         ];
         for role in order {
-            let names: Vec<String> = self
+            // All of a role at once (edges drain together, so one's clients
+            // are not sent to the next to drain), then wait for them.
+            let mut stopping: Vec<(String, Child)> = self
                 .specs
                 .iter()
                 .filter(|s| s.role == role)
-                .map(|s| s.name.clone())
+                .filter_map(|s| Some((s.name.clone(), self.children.remove(&s.name)?)))
                 .collect();
-            for name in names {
-                if let Some(mut child) = self.children.remove(&name) {
-                    let status = processes::terminate(&mut child, Duration::from_secs(30));
-                    if !status.is_some_and(|s| s.success()) {
-                        failed.push(format!("{name} ({status:?})"));
-                    }
+            for (_, child) in &stopping {
+                processes::sigterm(child.id());
+            }
+            for (name, child) in &mut stopping {
+                let status = processes::terminate(child, Duration::from_secs(30));
+                if !status.is_some_and(|s| s.success()) {
+                    failed.push(format!("{name} ({status:?})"));
                 }
             }
         }
@@ -858,12 +873,18 @@ async fn wait_for_model(models: &Path, log: &Path) -> anyhow::Result<()> {
 
 /// `earshot down`: SIGTERM to the `earshot up` of `run_dir`, which drains
 /// and stops everything; waits up to `within` for it to exit.
-pub fn down(run_dir: &Path, within: Duration) -> anyhow::Result<()> {
+pub async fn down(run_dir: &Path, within: Duration) -> anyhow::Result<()> {
     let run = RunFile::read(run_dir)?;
-    if !processes::sigterm(run.pid) {
-        // Not running any more: stop what it left behind.
+    // A pid of a dead `earshot up` may have been reused: signal only the
+    // process that is still that `earshot up`.
+    let still_up = processes::alive(run.pid)
+        && processes::command_line(run.pid).is_some_and(|c| c.iter().any(|a| a == "up"));
+    if !still_up || !processes::sigterm(run.pid) {
+        // Not running any more: stop what it left behind, if still its.
         for p in &run.processes {
-            processes::sigterm(p.pid);
+            if processes::alive(p.pid) && processes::command_line(p.pid).is_some() {
+                processes::sigterm(p.pid);
+            }
         }
         let _ = std::fs::remove_file(RunFile::path(run_dir));
         return Ok(());
@@ -876,7 +897,7 @@ pub fn down(run_dir: &Path, within: Duration) -> anyhow::Result<()> {
                 run.pid
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())
 }

@@ -43,6 +43,27 @@ pub fn alive(pid: u32) -> bool {
         .is_some_and(|state| state != "Z" && state != "X")
 }
 
+/// Is `pid` alive and running a program named `program` (its executable's
+/// file name)?
+pub fn runs(pid: u32, program: &str) -> bool {
+    alive(pid)
+        && std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .and_then(|exe| exe.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .is_some_and(|name| name == program)
+}
+
+/// Process `pid`'s command line, if it runs.
+pub fn command_line(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,6 +71,8 @@ mod tests {
     #[test]
     fn this_process_is_alive_and_a_reaped_child_is_not() {
         assert!(alive(std::process::id()));
+        assert!(command_line(std::process::id()).is_some_and(|c| !c.is_empty()));
+        assert!(!runs(std::process::id(), "no-such-program"));
         let mut child = Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();

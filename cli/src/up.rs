@@ -99,7 +99,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<()> {
     let planet = Arc::try_unwrap(planet)
         .map_err(|_| anyhow::anyhow!("the control API still holds the planet"))?
         .into_inner();
-    let failed = planet.stop();
+    let failed = tokio::task::block_in_place(|| planet.stop());
     if failed.is_empty() {
         eprintln!("stopped");
         Ok(())
@@ -168,8 +168,8 @@ async fn detach(args: &UpArgs) -> anyhow::Result<()> {
 }
 
 /// `earshot down`: stops the planet of `run_dir` (drained, in order).
-pub fn down(run_dir: &Path) -> anyhow::Result<()> {
-    crate::planet::down(run_dir, Duration::from_secs(120))?;
+pub async fn down(run_dir: &Path) -> anyhow::Result<()> {
+    crate::planet::down(run_dir, Duration::from_secs(120)).await?;
     println!("stopped the planet of {}", run_dir.display());
     Ok(())
 }
@@ -243,9 +243,11 @@ async fn act(
     UrlPath((name, action)): UrlPath<(String, String)>,
 ) -> (StatusCode, String) {
     let mut p = planet.lock().await;
+    // Killing and draining wait on the process (up to 30 s for a drain):
+    // tell the runtime, so this worker thread's other tasks move elsewhere.
     let result = match action.as_str() {
-        "kill" => p.kill(&name),
-        "terminate" => p.terminate(&name, Duration::from_secs(30)),
+        "kill" => tokio::task::block_in_place(|| p.kill(&name)),
+        "terminate" => tokio::task::block_in_place(|| p.terminate(&name, Duration::from_secs(30))),
         "restart" => p.restart(&name).await,
         other => {
             return (
