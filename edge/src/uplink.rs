@@ -58,6 +58,9 @@ struct Target {
     slot: Mutex<Slot>,
     generation: std::sync::atomic::AtomicU64,
     breaker: Mutex<Breaker>,
+    /// The last failure any utterance saw here: what an utterance that
+    /// only ever found the breaker open reports.
+    last_problem: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Target {
@@ -171,6 +174,7 @@ impl Uplink {
                     slot: Mutex::new(Slot::Idle),
                     generation: std::sync::atomic::AtomicU64::new(0),
                     breaker: Mutex::new(Breaker::new(policy.breaker_failures, policy.breaker_open)),
+                    last_problem: Mutex::new(None),
                 })
                 .collect(),
             policy,
@@ -257,6 +261,10 @@ impl Uplink {
                 self.failed(target);
                 self.count(target, label);
                 tracing::warn!(region = %target.name, outcome = label, %problem, "region attempt failed");
+                *target
+                    .last_problem
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(problem.clone());
                 if failures.len() == MAX_ATTEMPTS_KEPT {
                     failures.remove(0);
                 }
@@ -272,6 +280,27 @@ impl Uplink {
                         t.saturating_duration_since(now)
                     })
                     .max(Duration::from_secs(1));
+                if failures.is_empty() {
+                    // Every round found the breakers open (other utterances
+                    // failed there): say why they opened.
+                    failures = self
+                        .targets
+                        .iter()
+                        .filter_map(|t| {
+                            let last = t
+                                .last_problem
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner);
+                            Some(Attempt {
+                                region: t.name.clone(),
+                                problem: format!(
+                                    "circuit breaker open; last failure: {}",
+                                    last.as_ref()?
+                                ),
+                            })
+                        })
+                        .collect();
+                }
                 return Err(UplinkError::Unavailable {
                     attempts: failures,
                     retry_after,
