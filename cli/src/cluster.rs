@@ -262,28 +262,14 @@ impl Cluster {
     /// ready in [`READY_WITHIN`], fails with the end of its log (a port
     /// already taken, a config error) instead of a bare timeout.
     pub async fn wait_node_ready(&mut self, name: &str, port: u16) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_WITHIN;
-        loop {
-            if demo::http_status(port, "/readyz").await.ok() == Some(200) {
-                return Ok(());
-            }
-            if let Some(child) = self.processes.get_mut(name)
-                && let Some(status) = child.try_wait()?
-            {
-                self.processes.remove(name);
-                bail!(
-                    "{name} exited ({status}) before it was ready; its log ends:\n{}",
-                    log_tail(&self.log(name), 20)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{name} (port {port}) not ready within {READY_WITHIN:?}; its log ends:\n{}",
-                    log_tail(&self.log(name), 20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let log = self.dir.path().join("logs").join(format!("{name}.log"));
+        let what = format!("{name} (port {port})");
+        let result = wait_ready(&what, self.processes.get_mut(name), &log, || async {
+            demo::http_status(port, "/readyz").await.ok() == Some(200)
+        })
+        .await;
+        forget_exited(&mut self.processes, name);
+        result
     }
 
     /// Runs `binary --config <config>` as process `name`, logging to
@@ -398,6 +384,54 @@ impl Cluster {
 /// to Redis, its model loaded). CI once saw a region process miss a 20 s
 /// limit, with no log to say why; the log's tail now comes with the error.
 pub const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// Polls `ready` until it holds, within [`READY_WITHIN`]. A `child` that
+/// exits first, or a timeout, fails with the end of `log` (a port already
+/// taken, a config error) instead of a bare timeout.
+pub async fn wait_ready<F, Fut>(
+    what: &str,
+    mut child: Option<&mut Child>,
+    log: &Path,
+    mut ready: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + READY_WITHIN;
+    let tail = || log_tail(&std::fs::read_to_string(log).unwrap_or_default(), 20);
+    loop {
+        if ready().await {
+            return Ok(());
+        }
+        if let Some(child) = child.as_deref_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            bail!(
+                "{what} exited ({status}) before it was ready; {} ends:\n{}",
+                log.display(),
+                tail()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what} not ready within {READY_WITHIN:?}; {} ends:\n{}",
+                log.display(),
+                tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Drops `name` from `children` if it has exited (after a failed wait).
+pub fn forget_exited(children: &mut HashMap<String, Child>, name: &str) {
+    if let Some(child) = children.get_mut(name)
+        && child.try_wait().ok().flatten().is_some()
+    {
+        children.remove(name);
+    }
+}
 
 /// The last `lines` lines of `log` ("(empty)" when there are none).
 pub fn log_tail(log: &str, lines: usize) -> String {

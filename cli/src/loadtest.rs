@@ -262,6 +262,10 @@ async fn client_loop(
 ) -> LoadResult {
     let mut out = LoadResult::default();
     let mut turn = id;
+    // A session that could not start (an edge down, GeoDNS not yet moved)
+    // is tried again after the shared jittered backoff.
+    let mut backoff =
+        earshot_common::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
     while !stop.is_cancelled() {
         let session_audio = &audio[turn % audio.len()];
         turn += 1;
@@ -291,11 +295,12 @@ async fn client_loop(
                 out.duplicates += part.duplicates;
                 out.not_accepted += part.not_accepted;
                 out.sessions += 1;
+                backoff.reset();
                 counters.sessions.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 *out.failed_sessions.entry(format!("{e:#}")).or_default() += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

@@ -32,9 +32,6 @@ use crate::{assets, certs, cluster, processes};
 /// The embedded S3 server's credentials (loopback only).
 const S3_KEY: (&str, &str) = ("earshot-local", "earshot-local-secret");
 
-/// How long one process may take to be ready (a region loads its model).
-const READY_WITHIN: Duration = cluster::READY_WITHIN;
-
 /// What a process of the planet is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -510,30 +507,16 @@ impl Planet {
     /// fails with the end of its log.
     pub async fn wait_ready(&mut self, name: &str) -> anyhow::Result<()> {
         let spec = self.spec(name)?.clone();
-        let deadline = Instant::now() + READY_WITHIN;
-        loop {
-            if probe(&spec.probe).await {
-                return Ok(());
-            }
-            if let Some(child) = self.children.get_mut(name)
-                && let Some(status) = child.try_wait()?
-            {
-                self.children.remove(name);
-                bail!(
-                    "{name} exited ({status}) before it was ready; {} ends:\n{}",
-                    spec.log.display(),
-                    cluster::log_tail(&std::fs::read_to_string(&spec.log).unwrap_or_default(), 20)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{name} not ready within {READY_WITHIN:?}; {} ends:\n{}",
-                    spec.log.display(),
-                    cluster::log_tail(&std::fs::read_to_string(&spec.log).unwrap_or_default(), 20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let result = cluster::wait_ready(name, self.children.get_mut(name), &spec.log, || {
+            probe(&spec.probe)
+        })
+        .await;
+        if let Some(child) = self.children.get_mut(name)
+            && child.try_wait().ok().flatten().is_some()
+        {
+            self.children.remove(name);
         }
+        result
     }
 
     fn spec(&self, name: &str) -> anyhow::Result<&ProcessSpec> {
@@ -856,19 +839,9 @@ async fn publish_model(topology: &Topology, model: &Path, state: &Path) -> anyho
 
 /// Waits until the sync agent has activated a model (`current` exists).
 async fn wait_for_model(models: &Path, log: &Path) -> anyhow::Result<()> {
-    let deadline = Instant::now() + READY_WITHIN;
-    while !models.join("current").exists() {
-        if Instant::now() > deadline {
-            bail!(
-                "the sync agent activated no model in {} within {READY_WITHIN:?}; {} ends:\n{}",
-                models.display(),
-                log.display(),
-                cluster::log_tail(&std::fs::read_to_string(log).unwrap_or_default(), 20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+    let current = models.join("current");
+    let what = format!("the sync agent's model in {}", models.display());
+    cluster::wait_ready(&what, None, log, || async { current.exists() }).await
 }
 
 /// `earshot down`: SIGTERM to the `earshot up` of `run_dir`, which drains
