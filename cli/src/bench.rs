@@ -106,14 +106,23 @@ pub async fn overhead(model: &Path, utterances: usize, speed: f64) -> anyhow::Re
         .collect();
     cluster.stop().await?;
 
-    // Silero on the same audio, window by window, as the edge runs it.
-    let vad = Silero::load(&assets::onnxruntime_library()?, &assets::silero_model()?, 1)?;
+    // Silero on the same audio, window by window, through the edge's VAD
+    // thread (one stream: batches of one).
+    let vad = Silero::load(
+        &assets::onnxruntime_library()?,
+        &assets::silero_model()?,
+        1,
+        1,
+        Default::default(),
+    )?;
     let samples = earshot_common::audio::s16le_to_f32(&spoken.pcm_bytes());
     let mut stream = VadStream::default();
     let mut per_window = Vec::new();
     for window in samples.chunks_exact(WINDOW) {
         let started = Instant::now();
-        vad.probability(&mut stream, window).context("VAD")?;
+        vad.probabilities(&mut stream, window.to_vec())
+            .await
+            .context("VAD")?;
         per_window.push(started.elapsed().as_secs_f64() * 1e6);
     }
     let windows_per_utterance = per_window.len() as f64 / utterances as f64;

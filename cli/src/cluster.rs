@@ -385,6 +385,49 @@ impl Cluster {
 /// limit, with no log to say why; the log's tail now comes with the error.
 pub const READY_WITHIN: Duration = Duration::from_secs(60);
 
+/// An edge alone, for tests of what it does before any utterance reaches
+/// a region: `edge-fra` (EU) configured with `edge_extra`, its region
+/// `eu-west` in the topology but not started (nothing listens on its
+/// ports). Returns the edge, built, and its scratch directory.
+pub fn lone_edge(
+    edge_extra: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Edge, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let free_port = || -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let deployment = Deployment {
+        dir: dir.path().join("deploy"),
+        jurisdictions: vec![("eu".into(), true)],
+        regions: vec![RegionSpec {
+            name: "eu-west".into(),
+            jurisdiction: "eu".into(),
+            quic_port: free_port()?,
+            http_port: free_port()?,
+            redis_url: "redis://127.0.0.1:1".into(),
+            workers: 1,
+            extra: String::new(),
+        }],
+        edges: vec![EdgeSpec {
+            name: "edge-fra".into(),
+            jurisdiction: "eu".into(),
+            regions: vec!["eu-west".into()],
+            address: "127.0.0.1".into(),
+            http_port: free_port()?,
+            extra: edge_extra.into(),
+        }],
+        model: dir.path().join("no-model"),
+        onnxruntime: assets::onnxruntime_library()?,
+        silero: assets::silero_model()?,
+    };
+    deployment.write()?;
+    let config = EdgeConfig::load(&deployment.edge_config("edge-fra"))?;
+    Ok((Edge::build(config, shutdown)?, dir))
+}
+
 /// Polls `ready` until it holds, within [`READY_WITHIN`]. A `child` that
 /// exits first, or a timeout, fails with the end of `log` (a port already
 /// taken, a config error) instead of a bare timeout.

@@ -404,7 +404,7 @@ async fn run_session(
                 }
             }
             ServerMessage::Closing(c) => accepted = Some(c.audio_accepted),
-            ServerMessage::Translation(_) => {}
+            ServerMessage::Translation(_) | ServerMessage::SpeechStarted(_) => {}
         }
     }
     let mut part = LoadResult {

@@ -62,9 +62,11 @@ pub struct VadConfig {
     pub post_roll_ms: u32,
     #[serde(default = "d_max_utterance")]
     pub max_utterance_ms: u32,
-    /// ONNX Runtime sessions shared by all client sessions.
+    /// Silero inference threads shared by all client sessions (one ONNX
+    /// Runtime session each); each call evaluates the windows of every
+    /// stream waiting at that moment as one batch.
     #[serde(default = "d_pool")]
-    pub sessions: usize,
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,12 +91,28 @@ impl Default for TranslationConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Concurrent client sessions; more are refused with `server_busy`.
+    /// Concurrent client sessions; more are refused before the WebSocket
+    /// upgrade with HTTP 503 and `Retry-After`.
     pub max_sessions: usize,
+    /// The `Retry-After` of that refusal, in seconds.
+    pub retry_after_s: u32,
     /// Largest WebSocket message (audio or text) a client may send.
     pub max_frame_bytes: usize,
-    /// A session with no frame for this long is closed.
+    /// A session that sends neither audio nor a `keepalive` message for
+    /// this long is closed (`idle_timeout`). WebSocket pings do not count.
     pub idle_timeout_ms: u64,
+    /// A session open this long is closed (`session_too_long`) after its
+    /// pending finals: reconnect to go on.
+    pub max_session_ms: u64,
+    /// Time a connection has to send its HTTP request head (the upgrade);
+    /// a slower one is dropped.
+    pub header_timeout_ms: u64,
+    /// The WebSocket read buffer of each connection (it grows, up to
+    /// `max_frame_bytes`, only for a larger message).
+    pub read_buffer_bytes: usize,
+    /// Bytes of outgoing messages buffered per connection before a write
+    /// waits for the socket.
+    pub write_buffer_bytes: usize,
     /// Utterances of one session awaiting their final; reading from the
     /// client pauses while this many are pending (backpressure).
     pub max_pending_utterances: usize,
@@ -114,9 +132,14 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_sessions: 512,
+            max_sessions: 2048,
+            retry_after_s: 2,
             max_frame_bytes: 1 << 20,
-            idle_timeout_ms: 30_000,
+            idle_timeout_ms: 10_000,
+            max_session_ms: 4 * 3600 * 1000,
+            header_timeout_ms: 5_000,
+            read_buffer_bytes: 4096,
+            write_buffer_bytes: 4096,
             max_pending_utterances: 8,
             connect_timeout_ms: 3_000,
             attempt_timeout_ms: 90_000,
@@ -280,6 +303,20 @@ impl EdgeConfig {
         if l.max_sessions == 0 || l.max_pending_utterances == 0 || l.max_frame_bytes < 1024 {
             return bad("limits.max_sessions and limits.max_pending_utterances must be positive, limits.max_frame_bytes at least 1024".into());
         }
+        if l.idle_timeout_ms == 0 || l.max_session_ms == 0 || l.header_timeout_ms == 0 {
+            return bad(
+                "limits.idle_timeout_ms, limits.max_session_ms and limits.header_timeout_ms must be positive"
+                    .into(),
+            );
+        }
+        if !(256..=1 << 20).contains(&l.read_buffer_bytes)
+            || !(256..=1 << 20).contains(&l.write_buffer_bytes)
+        {
+            return bad(
+                "limits.read_buffer_bytes and limits.write_buffer_bytes must be in 256..=1048576"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -342,7 +379,8 @@ mod tests {
         let e = c.endpoint();
         assert_eq!(e.min_silence, 8000);
         assert!((e.neg_threshold - 0.35).abs() < 1e-6);
-        assert_eq!(c.limits.max_sessions, 512);
+        assert_eq!(c.limits.max_sessions, 2048);
+        assert_eq!(c.limits.idle_timeout_ms, 10_000);
         assert_eq!(c.translation.targets, ["en"]);
     }
 

@@ -172,6 +172,14 @@ impl Endpointer {
     pub fn in_speech(&self) -> bool {
         matches!(self.state, State::Speech { .. })
     }
+
+    /// Where the utterance in progress began, once speech has started.
+    pub fn speech_start(&self) -> Option<u64> {
+        match self.state {
+            State::Speech { start, .. } => Some(start),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

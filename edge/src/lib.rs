@@ -8,9 +8,11 @@
 //! until the shutdown token fires, then drains sessions.
 
 pub mod breaker;
+pub mod clock;
 pub mod config;
 pub mod endpoint;
 pub mod metrics;
+pub mod resample;
 pub mod session;
 pub mod uplink;
 pub mod vad;
@@ -159,7 +161,9 @@ impl Edge {
         let vad = Silero::load(
             &config.vad.onnxruntime,
             &config.vad.model,
-            config.vad.sessions,
+            config.vad.threads,
+            config.limits.max_sessions,
+            metrics.vad(),
         )?;
         Ok(Edge {
             inner: Arc::new(EdgeInner {
@@ -198,23 +202,14 @@ impl Edge {
     /// The HTTP server is a supervised task: if it dies, the edge's
     /// shutdown starts (readiness goes false, sessions drain) and this
     /// returns [`ServeError::PartDied`], so the process exits non-zero.
-    /// Sessions are tracked tasks, each in its own span, drained here.
+    /// Connections and sessions are tracked tasks, drained here.
     pub async fn serve(self, listener: TcpListener) -> Result<(), ServeError> {
         let inner = self.inner.clone();
         let addr = listener.local_addr().map_err(ServeError::Io)?;
         tracing::info!(%addr, edge = %inner.name, regions = ?inner.regions, "edge listening");
         let supervisor = Supervisor::new(inner.shutdown.clone());
-        let shutdown = inner.shutdown.clone();
         let router = self.router();
-        let http = supervisor.spawn("http", async move {
-            let stop = shutdown.clone();
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let http = supervisor.spawn("http", accept_loop(listener, router, inner.clone()));
         inner.shutdown.cancelled().await;
         tracing::info!(edge = %inner.name, "draining");
         let _ = http.await;
@@ -235,21 +230,105 @@ impl Edge {
     }
 }
 
+/// Accepts connections until shutdown. Each connection is HTTP/1.1 with a
+/// deadline for its request head (`limits.header_timeout_ms`: a client
+/// that trickles its headers is dropped) and may upgrade to a WebSocket.
+/// Connections are tracked with the sessions, so the drain waits for them.
+async fn accept_loop(listener: TcpListener, router: Router, edge: Arc<EdgeInner>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let header_timeout = Duration::from_millis(edge.config.limits.header_timeout_ms);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = edge.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors or a connection reset before
+                    // it was accepted: not fatal; back off briefly.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let shutdown = edge.shutdown.clone();
+        edge.tracker.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    // Requests in progress finish; upgraded sessions run on
+                    // as their own tasks and drain themselves.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
 async fn listen(
     ws: WebSocketUpgrade,
     Query(query): Query<Vec<(String, String)>>,
     State(edge): State<Arc<EdgeInner>>,
 ) -> Response {
-    let limit = edge.config.limits.max_frame_bytes;
+    // Over the session limit (or draining) the connection is refused
+    // before the upgrade: cheaper than upgrading to close it, and any
+    // HTTP client understands 503 with Retry-After.
+    let limits = &edge.config.limits;
+    let permit = match edge.sessions.clone().try_acquire_owned() {
+        Ok(p) if !edge.shutdown.is_cancelled() => p,
+        _ => {
+            edge.metrics
+                .refused
+                .get_or_create(&metrics::ReasonLabel {
+                    reason: "max_sessions",
+                })
+                .inc();
+            let body = earshot_common::client::ServerMessage::Error(
+                earshot_common::client::ErrorMessage::new(
+                    earshot_common::client::ClientErrorCode::ServerBusy,
+                    format!(
+                        "this edge is at its limit of {} sessions: retry after {} s",
+                        limits.max_sessions, limits.retry_after_s
+                    ),
+                    true,
+                ),
+            )
+            .to_json();
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [
+                    (header::RETRY_AFTER, limits.retry_after_s.to_string()),
+                    (header::CONTENT_TYPE, "application/json".to_owned()),
+                ],
+                body,
+            )
+                .into_response();
+        }
+    };
+    let limit = limits.max_frame_bytes;
     // A message over the limit is refused after its frame has been read
     // whole (up to twice the limit), so the stream stays in step and the
     // client gets a clean 1009 close; only a frame over twice the limit is
-    // cut off mid-way.
+    // cut off mid-way. Buffers are sized for speech (a 100 ms chunk is
+    // 3.2 KB), not the library's 128 KiB default.
     ws.max_message_size(limit)
         .max_frame_size(limit.saturating_mul(2))
+        .read_buffer_size(limits.read_buffer_bytes)
+        .write_buffer_size(limits.write_buffer_bytes)
+        .max_write_buffer_size(limits.write_buffer_bytes.saturating_mul(16).max(limit))
         .on_upgrade(move |socket| {
             let tracker = edge.tracker.clone();
-            tracker.track_future(session::run(socket, query, edge))
+            tracker.track_future(session::run(socket, query, edge, permit))
         })
 }
 

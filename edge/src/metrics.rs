@@ -28,6 +28,11 @@ pub struct ReceiptLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RegionLabel {
     pub region: String,
 }
@@ -52,6 +57,10 @@ pub struct Metrics {
     pub failovers: Family<RegionLabel, Counter>,
     pub retry_rounds: Counter,
     pub receipts: Family<ReceiptLabel, Counter>,
+    pub refused: Family<ReasonLabel, Counter>,
+    pub vad_batch_size: Histogram,
+    pub vad_compute_seconds: Counter<f64, AtomicU64>,
+    pub vad_windows: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -77,6 +86,11 @@ impl Metrics {
             failovers: Family::default(),
             retry_rounds: Counter::default(),
             receipts: Family::default(),
+            refused: Family::default(),
+            // 1, 2, 4 .. 256 streams per call
+            vad_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            vad_compute_seconds: Counter::default(),
+            vad_windows: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -140,6 +154,26 @@ impl Metrics {
             "Finals' receipts checked before delivery, by region and outcome (verified, or the failure code: the final is withheld)",
             m.receipts.clone(),
         );
+        registry.register(
+            "refused",
+            "Connections refused before the WebSocket upgrade, by reason (max_sessions: answered 503 with Retry-After)",
+            m.refused.clone(),
+        );
+        registry.register(
+            "vad_batch_size",
+            "Streams evaluated together in one Silero call",
+            m.vad_batch_size.clone(),
+        );
+        registry.register(
+            "vad_compute_seconds",
+            "Seconds spent in Silero inference (all VAD threads)",
+            m.vad_compute_seconds.clone(),
+        );
+        registry.register(
+            "vad_windows",
+            "32 ms stream windows evaluated by Silero",
+            m.vad_windows.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -163,6 +197,9 @@ impl Metrics {
                 code: code.as_str(),
             });
         }
+        let _ = self.refused.get_or_create(&ReasonLabel {
+            reason: "max_sessions",
+        });
         let none = ["none".to_owned()];
         for region in regions.iter().chain(&none) {
             for outcome in ["final", "error"] {
@@ -192,6 +229,15 @@ impl Metrics {
                     outcome,
                 });
             }
+        }
+    }
+
+    /// Where the VAD threads report (clones of these metrics).
+    pub fn vad(&self) -> crate::vad::VadMetrics {
+        crate::vad::VadMetrics {
+            batch_size: Some(self.vad_batch_size.clone()),
+            compute_seconds: self.vad_compute_seconds.clone(),
+            windows: self.vad_windows.clone(),
         }
     }
 

@@ -12,22 +12,26 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
-use earshot_common::audio::{Encoding, f32le_to_s16le, s16le_to_f32};
+use earshot_common::audio::{Encoding, f32_to_s16le, f32le_to_f32, f32le_to_s16le, s16le_to_f32};
 use earshot_common::client::{
-    ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, SegmentMessage, ServerMessage,
-    SessionInfo, TranslationMessage, hex, micros_to_ms, parse_client_message,
+    ClientErrorCode, ClientMessage, ConfigChange, ErrorMessage, FinalMessage, SegmentMessage,
+    ServerMessage, SessionInfo, SpeechStartedMessage, TranslationMessage, hex, micros_to_ms,
+    parse_client_message,
 };
 use earshot_common::wire::{self, Header, Translated};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use sha2::{Digest, Sha256};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::EdgeInner;
+use crate::clock::{Expiry, SessionClock};
 use crate::endpoint::{Endpointer, Segment};
 use crate::metrics::{CodeLabel, ReceiptLabel, RegionLabel, RegionOutcome};
+use crate::resample::{RATES, ToMono16k};
 use crate::uplink::{Answer, UplinkError};
 use crate::vad::{VadStream, WINDOW};
 
@@ -40,14 +44,16 @@ mod close {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
-    pub const TRY_AGAIN: u16 = 1013;
 }
 
 /// Validated `/v1/listen` query parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenParams {
+    /// The client's rate, one of [`RATES`]; resampled to 16 kHz.
     pub sample_rate: u32,
     pub encoding: Encoding,
+    /// 1, or 2 (downmixed to mono).
+    pub channels: u16,
     pub language: Option<String>,
     /// Language to translate finals into (`translate=en`).
     pub translate: Option<String>,
@@ -60,7 +66,8 @@ pub struct ListenParams {
 /// A refusal before the session starts: code, message, close code.
 type Refusal = (ClientErrorCode, String, u16);
 
-const KNOWN_PARAMS: &str = "sample_rate, encoding, language, translate, timestamps, words";
+const KNOWN_PARAMS: &str =
+    "sample_rate, encoding, channels, language, translate, timestamps, words";
 
 /// `true` or `false`, else the query's refusal naming `param`.
 fn boolean(param: &str, value: &str) -> Result<bool, Refusal> {
@@ -92,11 +99,13 @@ fn language_code(param: &str, value: &str, alternatives: &str) -> Result<String,
 }
 
 /// Parses the query. Every parameter is optional: the defaults are
-/// `sample_rate=16000`, `encoding=pcm_s16le` and no language hint.
+/// `sample_rate=16000`, `encoding=pcm_s16le`, `channels=1` and no language
+/// hint.
 pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal> {
     let mut params = ListenParams {
         sample_rate: wire::SAMPLE_RATE,
         encoding: Encoding::PcmS16le,
+        channels: 1,
         language: None,
         translate: None,
         timestamps: false,
@@ -112,14 +121,38 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
                         close::POLICY,
                     )
                 })?;
-                if rate != wire::SAMPLE_RATE {
+                if !RATES.contains(&rate) {
                     return Err((
                         ClientErrorCode::UnsupportedSampleRate,
-                        format!("sample rate {rate} is not supported: send 16000 Hz mono audio"),
+                        format!(
+                            "sample rate {rate} is not supported: send one of {RATES:?} Hz (16000 needs no resampling)"
+                        ),
                         close::UNSUPPORTED,
                     ));
                 }
                 params.sample_rate = rate;
+            }
+            "channels" => {
+                params.channels = match value.as_str() {
+                    "1" => 1,
+                    "2" => 2,
+                    v if v.parse::<u16>().is_ok() => {
+                        return Err((
+                            ClientErrorCode::UnsupportedChannels,
+                            format!(
+                                "{v} channels are not supported: send mono (channels=1) or interleaved stereo (channels=2, downmixed on the edge)"
+                            ),
+                            close::UNSUPPORTED,
+                        ));
+                    }
+                    v => {
+                        return Err((
+                            ClientErrorCode::InvalidQuery,
+                            format!("channels {:?} is not a number", truncate(v)),
+                            close::POLICY,
+                        ));
+                    }
+                };
             }
             "encoding" => {
                 params.encoding = Encoding::parse(value).ok_or_else(|| {
@@ -187,23 +220,22 @@ struct Session {
     /// The session was told its translation target is unavailable (one
     /// `translation_unavailable` per session).
     translation_refused: bool,
+    /// Client audio to 16 kHz mono.
+    converter: ToMono16k,
+    clock: SessionClock,
+    /// The utterance whose `speech_started` was sent last (0: none).
+    announced: u32,
+    _permit: OwnedSemaphorePermit,
 }
 
-/// Runs one session to completion.
-pub async fn run(mut socket: WebSocket, query: Vec<(String, String)>, edge: Arc<EdgeInner>) {
-    let Ok(_permit) = edge.sessions.clone().try_acquire_owned() else {
-        let msg = format!(
-            "this edge is at its limit of {} sessions: retry shortly",
-            edge.config.limits.max_sessions
-        );
-        refuse(
-            &mut socket,
-            &edge,
-            (ClientErrorCode::ServerBusy, msg, close::TRY_AGAIN),
-        )
-        .await;
-        return;
-    };
+/// Runs one session to completion. `permit` is its place under the edge's
+/// session limit, taken before the upgrade.
+pub async fn run(
+    mut socket: WebSocket,
+    query: Vec<(String, String)>,
+    edge: Arc<EdgeInner>,
+    permit: OwnedSemaphorePermit,
+) {
     let params = match parse_params(&query) {
         Ok(p) => p,
         Err(refusal) => {
@@ -211,21 +243,43 @@ pub async fn run(mut socket: WebSocket, query: Vec<(String, String)>, edge: Arc<
             return;
         }
     };
+    let converter = match ToMono16k::new(params.sample_rate, usize::from(params.channels)) {
+        Ok(c) => c,
+        Err(e) => {
+            let refusal = (
+                ClientErrorCode::UnsupportedSampleRate,
+                e.to_string(),
+                close::UNSUPPORTED,
+            );
+            refuse(&mut socket, &edge, refusal).await;
+            return;
+        }
+    };
     let id = uuid::Uuid::new_v4();
     let span = tracing::info_span!("session", session = %id, edge = %edge.name);
+    let limits = &edge.config.limits;
+    let clock = SessionClock::new(
+        Instant::now(),
+        Duration::from_millis(limits.idle_timeout_ms),
+        Duration::from_millis(limits.max_session_ms),
+    );
     let mut session = Session {
         endpointer: Endpointer::new(edge.config.endpoint()),
         edge: edge.clone(),
         id,
         params,
         vad: VadStream::default(),
-        pending: Vec::with_capacity(WINDOW * 4),
+        pending: Vec::with_capacity(WINDOW),
         processed: 0,
         audio: Vec::new(),
         audio_base: 0,
         next_utterance: 1,
         inflight: FuturesOrdered::new(),
         translation_refused: false,
+        converter,
+        clock,
+        announced: 0,
+        _permit: permit,
     };
     edge.metrics.sessions.inc();
     edge.metrics.sessions_active.inc();
@@ -264,50 +318,101 @@ async fn close_socket(socket: &mut WebSocket, code: u16, reason: &str) {
 
 /// How the main loop ended.
 enum End {
-    /// Close with this code and reason after the pending finals.
-    Close(u16, &'static str),
+    /// Close with this code and reason after the pending finals; tell the
+    /// client first with a `closing` message of this reason, if any.
+    Close(u16, &'static str, Option<&'static str>),
     /// The client is gone; nothing more can be sent.
     Gone,
 }
 
 impl Session {
-    async fn serve(&mut self, mut socket: WebSocket) {
-        let edge = self.edge.clone();
-        let info = ServerMessage::Session(SessionInfo {
+    fn info(&self) -> ServerMessage {
+        ServerMessage::Session(SessionInfo {
             session: self.id.to_string(),
-            edge: edge.name.clone(),
-            jurisdiction: edge.jurisdiction.clone(),
-            regions: edge.regions.clone(),
+            edge: self.edge.name.clone(),
+            jurisdiction: self.edge.jurisdiction.clone(),
+            regions: self.edge.regions.clone(),
             sample_rate: self.params.sample_rate,
             encoding: self.params.encoding.as_str().to_owned(),
+            channels: self.params.channels,
             language: self.params.language.clone(),
-        });
+            translate: self.params.translate.clone(),
+        })
+    }
+
+    /// Takes `target` as the session's translation target if the edge
+    /// offers it; otherwise the session goes on without translations and
+    /// this returns the message of the one `translation_unavailable` the
+    /// client gets for it.
+    fn choose_translation(&mut self, target: Option<String>) -> Option<String> {
+        self.translation_refused = false;
+        self.params.translate = None;
+        let target = target?;
+        let targets = &self.edge.config.translation.targets;
+        if targets.contains(&target) {
+            self.params.translate = Some(target);
+            return None;
+        }
+        self.translation_refused = true;
+        Some(format!(
+            "no model translates into {target:?} (available: {}); finals come without translations",
+            targets.join(", ")
+        ))
+    }
+
+    /// Applies a `config` message to the utterances that start after it and
+    /// answers with the session's settings as they now are.
+    async fn configure(
+        &mut self,
+        socket: &mut WebSocket,
+        change: ConfigChange,
+    ) -> Result<(), axum::Error> {
+        if let Some(language) = change.language {
+            self.params.language = language;
+        }
+        let refused = change.translate.and_then(|t| self.choose_translation(t));
+        tracing::info!(
+            language = ?self.params.language,
+            translate = ?self.params.translate,
+            "session reconfigured"
+        );
+        self.send(socket, self.info()).await?;
+        match refused {
+            Some(message) => {
+                self.send_error(
+                    socket,
+                    ClientErrorCode::TranslationUnavailable,
+                    message,
+                    false,
+                )
+                .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn serve(&mut self, mut socket: WebSocket) {
+        let edge = self.edge.clone();
+        let requested = self.params.translate.take();
+        let refused = self.choose_translation(requested);
         if socket
-            .send(Message::Text(info.to_json().into()))
+            .send(Message::Text(self.info().to_json().into()))
             .await
             .is_err()
         {
             return;
         }
-        tracing::info!(encoding = self.params.encoding.as_str(), "session started");
-        let targets = &edge.config.translation.targets;
-        if let Some(target) = self.params.translate.clone()
-            && !targets.contains(&target)
-        {
+        tracing::info!(
+            encoding = self.params.encoding.as_str(),
+            sample_rate = self.params.sample_rate,
+            channels = self.params.channels,
+            "session started"
+        );
+        if let Some(message) = refused {
             // One error for the session; its finals still come.
-            self.params.translate = None;
-            self.translation_refused = true;
-            let message = format!(
-                "no model translates into {target:?} (available: {}); finals come without translations",
-                targets.join(", ")
-            );
+            let code = ClientErrorCode::TranslationUnavailable;
             if self
-                .send_error(
-                    &mut socket,
-                    ClientErrorCode::TranslationUnavailable,
-                    message,
-                    false,
-                )
+                .send_error(&mut socket, code, message, false)
                 .await
                 .is_err()
             {
@@ -315,13 +420,15 @@ impl Session {
             }
         }
 
-        let idle = Duration::from_millis(edge.config.limits.idle_timeout_ms);
         let max_pending = edge.config.limits.max_pending_utterances;
-        let idle_timer = tokio::time::sleep(idle);
-        tokio::pin!(idle_timer);
-
         let end = loop {
             let can_read = self.inflight.len() < max_pending;
+            // Before waiting, so that a client sending without pause cannot
+            // keep the session past its limits.
+            if let Some(expiry) = self.clock.expired(Instant::now(), !can_read) {
+                break self.expire(&mut socket, expiry).await;
+            }
+            let deadline = self.clock.deadline(!can_read);
             tokio::select! {
                 biased;
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
@@ -331,37 +438,41 @@ impl Session {
                     // While reading was paused for backpressure the client
                     // was not idle: its idle time starts now.
                     if !can_read {
-                        idle_timer.as_mut().reset(Instant::now() + idle);
+                        self.clock.resume(Instant::now());
                     }
                 }
                 _ = edge.shutdown.cancelled() => {
-                    break End::Close(close::GOING_AWAY, "edge shutting down");
-                }
-                _ = &mut idle_timer, if can_read => {
-                    let msg = format!("no frame for {} ms: the session is closed", idle.as_millis());
-                    if self.send_error(&mut socket, ClientErrorCode::IdleTimeout, msg, true).await.is_err() {
-                        break End::Gone;
-                    }
-                    break End::Close(close::NORMAL, "idle timeout");
+                    break End::Close(close::GOING_AWAY, "edge shutting down", Some("shutting_down"));
                 }
                 msg = socket.recv(), if can_read => {
-                    idle_timer.as_mut().reset(Instant::now() + idle);
                     match msg {
                         None | Some(Ok(Message::Close(_))) => break End::Gone,
                         Some(Ok(Message::Binary(data))) => {
+                            self.clock.input(Instant::now());
                             if let Err(e) = self.on_audio(&mut socket, data).await {
                                 break e;
                             }
                         }
-                        Some(Ok(Message::Text(text))) => match parse_client_message(&text) {
-                            Ok(ClientMessage::Finalize) => self.finalize(),
-                            Ok(ClientMessage::Close) => break End::Close(close::NORMAL, "session closed"),
-                            Err(err) => {
-                                if self.send(&mut socket, ServerMessage::Error(err)).await.is_err() {
-                                    break End::Gone;
+                        Some(Ok(Message::Text(text))) => {
+                            let sent = match parse_client_message(&text) {
+                                Ok(ClientMessage::Finalize) => {
+                                    self.finalize();
+                                    Ok(())
                                 }
+                                Ok(ClientMessage::KeepAlive) => {
+                                    self.clock.input(Instant::now());
+                                    Ok(())
+                                }
+                                Ok(ClientMessage::Config(change)) => self.configure(&mut socket, change).await,
+                                Ok(ClientMessage::Close) => break End::Close(close::NORMAL, "session closed", None),
+                                Err(err) => self.send_counted(&mut socket, err).await,
+                            };
+                            if sent.is_err() {
+                                break End::Gone;
                             }
-                        },
+                        }
+                        // Pings are answered by the WebSocket layer; they do
+                        // not keep the session open.
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Err(e)) => {
                             let (code, close_code, msg) = if is_too_large(&e) {
@@ -374,10 +485,13 @@ impl Session {
                             };
                             tracing::info!(code = code.as_str(), "client protocol error");
                             let _ = self.send_error(&mut socket, code, msg, true).await;
-                            break End::Close(close_code, code.as_str());
+                            break End::Close(close_code, code.as_str(), None);
                         }
                     }
                 }
+                // Checked at the top of the loop; input that is already
+                // there wins over a deadline that falls due with it.
+                _ = tokio::time::sleep_until(deadline) => {}
             }
         };
 
@@ -391,14 +505,14 @@ impl Session {
                 // Dropping the handles leaves the tasks running to completion
                 // (the region still answers); their results have no reader.
             }
-            End::Close(code, reason) => {
+            End::Close(code, reason, closing) => {
                 // Nothing accepted is lost: cut what is left, say how much
                 // was read (when the edge is the one closing), deliver every
                 // pending final, then close.
                 self.finalize();
-                if code == close::GOING_AWAY {
+                if let Some(why) = closing {
                     let closing = ServerMessage::Closing(earshot_common::client::ClosingMessage {
-                        reason: "shutting_down".into(),
+                        reason: why.into(),
                         audio_accepted: self.processed as f64 / f64::from(wire::SAMPLE_RATE),
                     });
                     if self.send(&mut socket, closing).await.is_err() {
@@ -431,13 +545,56 @@ impl Session {
         }
     }
 
+    /// The edge's own `stage` failed on this session's audio: logged, the
+    /// client told (`protocol_error`, fatal), the session closed with 1011.
+    async fn internal_failure(
+        &self,
+        socket: &mut WebSocket,
+        stage: &str,
+        error: &(dyn std::fmt::Display + Sync),
+    ) -> End {
+        tracing::error!(%error, stage, "session failed on the edge");
+        let msg = format!("{stage} failed on this edge");
+        let _ = self
+            .send_error(socket, ClientErrorCode::ProtocolError, msg, true)
+            .await;
+        End::Close(close::INTERNAL, "edge failure", None)
+    }
+
+    /// Tells the client why its time is up; how the session then ends.
+    async fn expire(&mut self, socket: &mut WebSocket, expiry: Expiry) -> End {
+        let (code, msg, end) = match expiry {
+            Expiry::Idle => (
+                ClientErrorCode::IdleTimeout,
+                format!(
+                    "no audio or keepalive for {} ms: the session is closed",
+                    self.clock.idle_timeout().as_millis()
+                ),
+                End::Close(close::NORMAL, "idle timeout", None),
+            ),
+            Expiry::TooLong => (
+                ClientErrorCode::SessionTooLong,
+                format!(
+                    "the session reached this edge's maximum length of {} s: pending finals follow, then the session closes; reconnect to go on",
+                    self.clock.max_length().as_secs()
+                ),
+                End::Close(close::NORMAL, "session too long", Some("session_too_long")),
+            ),
+        };
+        match self.send_error(socket, code, msg, true).await {
+            Ok(()) => end,
+            Err(_) => End::Gone,
+        }
+    }
+
     async fn on_audio(&mut self, socket: &mut WebSocket, data: Bytes) -> Result<(), End> {
         let bps = self.params.encoding.bytes_per_sample();
-        if !data.len().is_multiple_of(bps) {
+        let frame = bps * usize::from(self.params.channels);
+        if !data.len().is_multiple_of(frame) {
             let msg = format!(
-                "binary frame of {} bytes is not a whole number of {}-byte {} samples: the frame was dropped",
+                "binary frame of {} bytes is not a whole number of {frame}-byte frames ({} × {bps}-byte {} samples): the frame was dropped",
                 data.len(),
-                bps,
+                self.params.channels,
                 self.params.encoding.as_str()
             );
             return self
@@ -445,15 +602,29 @@ impl Session {
                 .await
                 .map_err(|_| End::Gone);
         }
-        let s16: Vec<u8> = match self.params.encoding {
-            Encoding::PcmS16le => data.to_vec(),
-            Encoding::PcmF32le => f32le_to_s16le(&data),
-        };
-        let samples = s16le_to_f32(&s16);
         self.edge
             .metrics
             .audio_received_seconds
-            .inc_by(samples.len() as f64 / f64::from(wire::SAMPLE_RATE));
+            .inc_by((data.len() / frame) as f64 / f64::from(self.params.sample_rate));
+        // 16 kHz mono s16le passes through byte for byte; anything else is
+        // converted, and what the region gets is the 16-bit rendering of
+        // the converted audio.
+        let s16: Vec<u8> = if self.converter.is_identity() {
+            match self.params.encoding {
+                Encoding::PcmS16le => data.to_vec(),
+                Encoding::PcmF32le => f32le_to_s16le(&data),
+            }
+        } else {
+            let samples = match self.params.encoding {
+                Encoding::PcmS16le => s16le_to_f32(&data),
+                Encoding::PcmF32le => f32le_to_f32(&data),
+            };
+            match self.converter.push(&samples) {
+                Ok(mono) => f32_to_s16le(&mono),
+                Err(e) => return Err(self.internal_failure(socket, "resampling", &e).await),
+            }
+        };
+        let samples = s16le_to_f32(&s16);
         self.audio.extend_from_slice(&s16);
         self.pending.extend_from_slice(&samples);
 
@@ -464,27 +635,31 @@ impl Session {
         let windows: Vec<f32> = self.pending.drain(..whole).collect();
         let probabilities = match self.edge.vad.probabilities(&mut self.vad, windows).await {
             Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "VAD failed");
-                let _ = self
-                    .send_error(
-                        socket,
-                        ClientErrorCode::ProtocolError,
-                        "voice detection failed on this edge".into(),
-                        true,
-                    )
-                    .await;
-                return Err(End::Close(close::INTERNAL, "vad failure"));
-            }
+            Err(e) => return Err(self.internal_failure(socket, "voice detection", &e).await),
         };
+        let mut started = Vec::new();
         for prob in probabilities {
             let start = self.processed;
             self.processed += WINDOW as u64;
             if let Some(segment) = self.endpointer.push(prob, start, self.processed) {
                 self.dispatch(segment);
             }
+            if let Some(at) = self.endpointer.speech_start()
+                && self.announced != self.next_utterance
+            {
+                self.announced = self.next_utterance;
+                started.push(SpeechStartedMessage {
+                    utterance: self.next_utterance,
+                    start: at as f64 / f64::from(wire::SAMPLE_RATE),
+                });
+            }
         }
         self.trim();
+        for msg in started {
+            self.send(socket, ServerMessage::SpeechStarted(msg))
+                .await
+                .map_err(|_| End::Gone)?;
+        }
         Ok(())
     }
 
@@ -781,6 +956,22 @@ impl Session {
         .await
     }
 
+    /// Sends an error the codec produced, counted by its code.
+    async fn send_counted(
+        &self,
+        socket: &mut WebSocket,
+        err: ErrorMessage,
+    ) -> Result<(), axum::Error> {
+        self.edge
+            .metrics
+            .client_errors
+            .get_or_create(&CodeLabel {
+                code: err.code.as_str(),
+            })
+            .inc();
+        self.send(socket, ServerMessage::Error(err)).await
+    }
+
     async fn send(&self, socket: &mut WebSocket, msg: ServerMessage) -> Result<(), axum::Error> {
         socket.send(Message::Text(msg.to_json().into())).await
     }
@@ -830,6 +1021,7 @@ mod tests {
             ListenParams {
                 sample_rate: 16_000,
                 encoding: Encoding::PcmS16le,
+                channels: 1,
                 language: None,
                 translate: None,
                 timestamps: false,
@@ -838,12 +1030,15 @@ mod tests {
         );
         let p = parse_params(&q(&[
             ("encoding", "pcm_f32le"),
+            ("sample_rate", "44100"),
+            ("channels", "2"),
             ("language", "de"),
             ("timestamps", "true"),
             ("words", "true"),
         ]))
         .unwrap();
         assert_eq!(p.encoding, Encoding::PcmF32le);
+        assert_eq!((p.sample_rate, p.channels), (44_100, 2));
         assert_eq!(p.language.as_deref(), Some("de"));
         assert!(p.timestamps && p.words);
     }
@@ -852,9 +1047,14 @@ mod tests {
     fn bad_parameters_get_stable_codes() {
         let code = |pairs: &[(&str, &str)]| parse_params(&q(pairs)).unwrap_err().0;
         assert_eq!(
-            code(&[("sample_rate", "44100")]),
+            code(&[("sample_rate", "11025")]),
             ClientErrorCode::UnsupportedSampleRate
         );
+        assert_eq!(
+            code(&[("channels", "6")]),
+            ClientErrorCode::UnsupportedChannels
+        );
+        assert_eq!(code(&[("channels", "two")]), ClientErrorCode::InvalidQuery);
         assert_eq!(
             code(&[("sample_rate", "fast")]),
             ClientErrorCode::InvalidQuery

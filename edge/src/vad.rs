@@ -1,26 +1,40 @@
-//! Silero VAD through ONNX Runtime.
+//! Silero VAD through ONNX Runtime, batched across streams.
 //!
 //! The model (`silero_vad.onnx` from the `silero-vad` package) is a small
 //! recurrent network: each call takes 512 new samples at 16 kHz plus the 64
-//! samples before them, and a 2×1×128 state, and returns the probability
-//! that the window is speech and the next state. The state and context live
-//! per client session in [`VadStream`]; the ONNX sessions are a shared pool,
-//! since one can serve any stream.
+//! samples before them, and a 2×B×128 state, and returns the probability
+//! that each window is speech and the next state. The state and context
+//! live per client session in [`VadStream`].
+//!
+//! One call costs about the same for one stream as for dozens, so the
+//! windows of every stream waiting at a moment go into one call: sessions
+//! queue their windows ([`Silero::probabilities`]); a small pool of threads
+//! (not the async executor) takes everything queued, up to
+//! [`MAX_BATCH`] streams, runs them as one batch with each stream's own
+//! state, and answers each stream. Under light load a batch is one stream
+//! and nothing waits for company.
 
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::Tensor;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::{mpsc, oneshot};
 
 /// New samples per window at 16 kHz.
 pub const WINDOW: usize = 512;
 /// Samples of the previous window the model sees again.
 const CONTEXT: usize = 64;
 const STATE: usize = 2 * 128;
+/// Most streams in one ONNX Runtime call.
+pub const MAX_BATCH: usize = 256;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum VadError {
     #[error(
         "cannot load ONNX Runtime from {path}: {reason} (install it with `make setup`, or set vad.onnxruntime)"
@@ -32,36 +46,52 @@ pub enum VadError {
     Inference(String),
 }
 
-/// Per-stream recurrent state.
+/// Per-stream recurrent state: the model's state and the last
+/// [`CONTEXT`] samples seen.
 #[derive(Debug, Clone)]
 pub struct VadStream {
-    state: Vec<f32>,
+    state: [f32; STATE],
     context: [f32; CONTEXT],
-    input: Vec<f32>,
 }
 
 impl Default for VadStream {
     fn default() -> Self {
         VadStream {
-            state: vec![0.0; STATE],
+            state: [0.0; STATE],
             context: [0.0; CONTEXT],
-            input: vec![0.0; CONTEXT + WINDOW],
         }
     }
 }
 
-/// A pool of ONNX Runtime sessions of the Silero model. Inference runs on
-/// blocking threads, at most one call per session at a time
-/// ([`Silero::probabilities`]), never on the async executor.
+/// Where the VAD reports its work (clones of the edge's metrics).
+#[derive(Debug, Clone, Default)]
+pub struct VadMetrics {
+    /// Streams per ONNX Runtime call.
+    pub batch_size: Option<Histogram>,
+    /// Seconds spent inside ONNX Runtime.
+    pub compute_seconds: Counter<f64, AtomicU64>,
+    /// Stream-windows evaluated.
+    pub windows: Counter,
+}
+
+/// One stream's request: its state and whole windows of samples.
+struct Job {
+    stream: VadStream,
+    samples: Vec<f32>,
+    reply: oneshot::Sender<(VadStream, Result<Vec<f32>, VadError>)>,
+}
+
+/// The batched Silero service. Dropping it stops its threads once their
+/// queue is empty.
 pub struct Silero {
-    sessions: Vec<Mutex<Session>>,
-    permits: tokio::sync::Semaphore,
+    queue: mpsc::Sender<Job>,
+    threads: usize,
 }
 
 impl std::fmt::Debug for Silero {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Silero")
-            .field("sessions", &self.sessions.len())
+            .field("threads", &self.threads)
             .finish()
     }
 }
@@ -85,9 +115,17 @@ fn environment(library: &Path) -> Result<&'static ort::environment::Environment,
 }
 
 impl Silero {
-    /// Loads `pool` sessions of the model at `model`, using the ONNX Runtime
-    /// shared library at `library`. Each session runs on one thread.
-    pub fn load(library: &Path, model: &Path, pool: usize) -> Result<Self, VadError> {
+    /// Loads the model at `model` with the ONNX Runtime shared library at
+    /// `library` and starts `threads` inference threads (one ONNX Runtime
+    /// session each, one intra-op thread each). At most `queue` streams
+    /// wait for a thread; more wait in [`Silero::probabilities`].
+    pub fn load(
+        library: &Path,
+        model: &Path,
+        threads: usize,
+        queue: usize,
+        metrics: VadMetrics,
+    ) -> Result<Self, VadError> {
         if !library.is_file() {
             return Err(VadError::Runtime {
                 path: library.display().to_string(),
@@ -102,8 +140,9 @@ impl Silero {
         if !model.is_file() {
             return Err(model_err("file not found".into()));
         }
-        let mut sessions = Vec::with_capacity(pool.max(1));
-        for _ in 0..pool.max(1) {
+        let threads = threads.max(1);
+        let mut sessions = Vec::with_capacity(threads);
+        for _ in 0..threads {
             let session = Session::builder(env)
                 .map_err(|e| model_err(e.to_string()))?
                 .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -120,84 +159,204 @@ impl Silero {
                     "expected inputs [input, state, sr], found {names:?}: is this a Silero VAD v5+ model?"
                 )));
             }
-            sessions.push(Mutex::new(session));
+            sessions.push(session);
         }
-        let permits = tokio::sync::Semaphore::new(sessions.len());
-        Ok(Silero { sessions, permits })
+        let (tx, rx) = mpsc::channel::<Job>(queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        for (i, session) in sessions.into_iter().enumerate() {
+            let rx = rx.clone();
+            let metrics = metrics.clone();
+            std::thread::Builder::new()
+                .name(format!("vad-{i}"))
+                .spawn(move || Batcher::new(session, metrics).run(&rx))
+                .map_err(|e| VadError::Inference(format!("cannot start a VAD thread: {e}")))?;
+        }
+        Ok(Silero { queue: tx, threads })
     }
 
     /// The speech probability of each [`WINDOW`] of `samples` (whose length
-    /// must be a multiple of it), advancing `stream`. Runs on a blocking
-    /// thread, waiting for a free session first: a slow model delays only
-    /// the sessions waiting for it, never sockets or timers.
+    /// must be a multiple of it), advancing `stream`. Waits for a VAD
+    /// thread, which may evaluate it together with other streams' windows:
+    /// a slow model delays only the sessions waiting for it, never sockets
+    /// or timers.
     pub async fn probabilities(
-        self: &Arc<Self>,
+        &self,
         stream: &mut VadStream,
         samples: Vec<f32>,
     ) -> Result<Vec<f32>, VadError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| VadError::Inference(e.to_string()))?;
-        let silero = self.clone();
-        let mut state = std::mem::take(stream);
-        let (state, result) = tokio::task::spawn_blocking(move || {
-            let result = samples
-                .chunks(WINDOW)
-                .map(|w| silero.probability(&mut state, w))
-                .collect::<Result<Vec<f32>, VadError>>();
-            (state, result)
-        })
-        .await
-        .map_err(|e| VadError::Inference(format!("VAD task failed: {e}")))?;
-        *stream = state;
-        result
-    }
-
-    /// The speech probability of one window of exactly [`WINDOW`] samples;
-    /// advances `stream`.
-    pub fn probability(&self, stream: &mut VadStream, window: &[f32]) -> Result<f32, VadError> {
-        if window.len() != WINDOW {
+        if !samples.len().is_multiple_of(WINDOW) {
             return Err(VadError::Inference(format!(
-                "window has {} samples, expected {WINDOW}",
-                window.len()
+                "{} samples are not whole {WINDOW}-sample windows",
+                samples.len()
             )));
         }
-        stream.input[..CONTEXT].copy_from_slice(&stream.context);
-        stream.input[CONTEXT..].copy_from_slice(window);
-        stream.context.copy_from_slice(&window[WINDOW - CONTEXT..]);
+        if samples.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            stream: stream.clone(),
+            samples,
+            reply,
+        };
+        let gone = || VadError::Inference("the VAD threads have stopped".into());
+        self.queue.send(job).await.map_err(|_| gone())?;
+        let (next, result) = answer.await.map_err(|_| gone())?;
+        if result.is_ok() {
+            *stream = next;
+        }
+        result
+    }
+}
 
+/// One inference thread: its ONNX Runtime session and reusable buffers.
+struct Batcher {
+    session: Session,
+    metrics: VadMetrics,
+    input: Vec<f32>,
+    state: Vec<f32>,
+}
+
+impl Batcher {
+    fn new(session: Session, metrics: VadMetrics) -> Self {
+        Batcher {
+            session,
+            metrics,
+            input: Vec::new(),
+            state: Vec::new(),
+        }
+    }
+
+    /// Takes everything queued (up to [`MAX_BATCH`] streams) and answers
+    /// it, until the queue closes.
+    fn run(mut self, queue: &Mutex<mpsc::Receiver<Job>>) {
+        let mut jobs: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        loop {
+            {
+                // A poisoned lock only means another thread panicked while
+                // taking jobs; the receiver itself is intact.
+                let mut rx = queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match rx.blocking_recv() {
+                    Some(job) => jobs.push(job),
+                    None => return,
+                }
+                while jobs.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let result = self.evaluate(&mut jobs);
+            for (job, probs) in jobs.drain(..).zip(result.iter_and_fill()) {
+                let _ = job.reply.send((job.stream, probs));
+            }
+        }
+    }
+
+    /// Runs every job's windows, window by window, each step one batched
+    /// call over the jobs that still have a window.
+    fn evaluate(&mut self, jobs: &mut [Job]) -> Outcomes {
+        let mut out: Vec<Vec<f32>> = jobs
+            .iter()
+            .map(|j| Vec::with_capacity(j.samples.len() / WINDOW))
+            .collect();
+        let steps = jobs
+            .iter()
+            .map(|j| j.samples.len() / WINDOW)
+            .max()
+            .unwrap_or(0);
+        for step in 0..steps {
+            let live: Vec<usize> = (0..jobs.len())
+                .filter(|&i| jobs[i].samples.len() / WINDOW > step)
+                .collect();
+            if let Err(e) = self.step(jobs, &live, step, &mut out) {
+                return Outcomes::Failed(e, jobs.len());
+            }
+        }
+        Outcomes::Done(out)
+    }
+
+    /// One batched call: window `step` of each job in `live`.
+    fn step(
+        &mut self,
+        jobs: &mut [Job],
+        live: &[usize],
+        step: usize,
+        out: &mut [Vec<f32>],
+    ) -> Result<(), VadError> {
+        let b = live.len();
+        self.input.clear();
+        self.state.clear();
+        self.state.resize(STATE * b, 0.0);
+        let half = STATE / 2;
+        for (slot, &i) in live.iter().enumerate() {
+            let job = &mut jobs[i];
+            let window = &job.samples[step * WINDOW..(step + 1) * WINDOW];
+            self.input.extend_from_slice(&job.stream.context);
+            self.input.extend_from_slice(window);
+            job.stream
+                .context
+                .copy_from_slice(&window[WINDOW - CONTEXT..]);
+            // State is [2, B, 128]; each stream keeps its [2, 128].
+            for layer in 0..2 {
+                let to = layer * b * half + slot * half;
+                self.state[to..to + half]
+                    .copy_from_slice(&job.stream.state[layer * half..(layer + 1) * half]);
+            }
+        }
         let err = |e: ort::Error| VadError::Inference(e.to_string());
-        let input =
-            Tensor::from_array(([1usize, CONTEXT + WINDOW], stream.input.clone())).map_err(err)?;
-        let state = Tensor::from_array(([2usize, 1, 128], stream.state.clone())).map_err(err)?;
+        let started = Instant::now();
+        let input = Tensor::from_array(([b, CONTEXT + WINDOW], self.input.clone())).map_err(err)?;
+        let state = Tensor::from_array(([2usize, b, half], self.state.clone())).map_err(err)?;
         let sr = Tensor::from_array(((), vec![16_000i64])).map_err(err)?;
-
-        let mut session = self.session();
-        let outputs = session
+        let outputs = self
+            .session
             .run(ort::inputs!["input" => input, "state" => state, "sr" => sr])
             .map_err(err)?;
         let (_, prob) = outputs["output"].try_extract_tensor::<f32>().map_err(err)?;
         let (_, next) = outputs["stateN"].try_extract_tensor::<f32>().map_err(err)?;
-        if next.len() != STATE || prob.is_empty() {
-            return Err(VadError::Inference("unexpected output shapes".into()));
+        if next.len() != STATE * b || prob.len() != b {
+            return Err(VadError::Inference(format!(
+                "unexpected output shapes for a batch of {b}: {} probabilities, {} state values",
+                prob.len(),
+                next.len()
+            )));
         }
-        stream.state.copy_from_slice(next);
-        Ok(prob[0])
-    }
-
-    /// A free session if there is one, else waits for the first.
-    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
-        for s in &self.sessions {
-            if let Ok(guard) = s.try_lock() {
-                return guard;
+        for (slot, &i) in live.iter().enumerate() {
+            let job = &mut jobs[i];
+            for layer in 0..2 {
+                let from = layer * b * half + slot * half;
+                job.stream.state[layer * half..(layer + 1) * half]
+                    .copy_from_slice(&next[from..from + half]);
             }
+            out[i].push(prob[slot]);
         }
-        // A panic while holding the lock cannot leave the session in a state
-        // that matters (inputs are passed per call), so recover it.
-        self.sessions[0]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.metrics
+            .compute_seconds
+            .inc_by(started.elapsed().as_secs_f64());
+        self.metrics.windows.inc_by(b as u64);
+        if let Some(h) = &self.metrics.batch_size {
+            h.observe(b as f64);
+        }
+        Ok(())
+    }
+}
+
+/// What a batch gave each of its jobs.
+enum Outcomes {
+    Done(Vec<Vec<f32>>),
+    /// The call failed: every job of the batch gets the error.
+    Failed(VadError, usize),
+}
+
+impl Outcomes {
+    fn iter_and_fill(self) -> Vec<Result<Vec<f32>, VadError>> {
+        match self {
+            Outcomes::Done(v) => v.into_iter().map(Ok).collect(),
+            Outcomes::Failed(e, n) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
     }
 }

@@ -46,10 +46,25 @@ pub fn s16le_to_f32(bytes: &[u8]) -> Vec<f32> {
 /// Converts f32le bytes to s16le bytes, clamping to the 16-bit range and
 /// mapping NaN to silence.
 pub fn f32le_to_s16le(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len() / 2);
-    for b in bytes.chunks_exact(4) {
-        let x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        let x = if x.is_nan() { 0.0 } else { x };
+    f32_to_s16le(&f32le_to_f32(bytes))
+}
+
+/// Reads f32le bytes as samples, mapping NaN to silence and clamping to
+/// [-1, 1]. A trailing partial sample is ignored.
+pub fn f32le_to_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| {
+            let x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            if x.is_nan() { 0.0 } else { x.clamp(-1.0, 1.0) }
+        })
+        .collect()
+}
+
+/// Samples in [-1, 1] as s16le bytes, rounded and clamped.
+pub fn f32_to_s16le(samples: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(samples.len() * 2);
+    for &x in samples {
         let s = (x * 32768.0).round().clamp(-32768.0, 32767.0) as i16;
         out.extend_from_slice(&s.to_le_bytes());
     }

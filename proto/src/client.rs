@@ -9,8 +9,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
-    /// Sent once, first.
+    /// Sent first, and again after each `config` message, with the
+    /// session's settings as they now are.
     Session(SessionInfo),
+    /// The VAD heard the start of speech: utterance `utterance` begins at
+    /// `start` seconds of the session's audio. Its final (or error) follows.
+    SpeechStarted(SpeechStartedMessage),
     /// One per utterance, in utterance order.
     Final(FinalMessage),
     /// Right after its utterance's final, when the session asked for a
@@ -25,8 +29,15 @@ pub enum ServerMessage {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpeechStartedMessage {
+    pub utterance: u32,
+    pub start: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClosingMessage {
-    /// `shutting_down`.
+    /// `shutting_down` (the edge is stopping) or `session_too_long` (the
+    /// session reached the edge's maximum length).
     pub reason: String,
     /// Seconds of the session's audio the edge read.
     pub audio_accepted: f64,
@@ -39,10 +50,22 @@ pub struct SessionInfo {
     pub jurisdiction: String,
     /// Regions that may process this session, most preferred first.
     pub regions: Vec<String>,
+    /// The client's audio as the session reads it (it is resampled to
+    /// 16 kHz mono on the edge).
     pub sample_rate: u32,
     pub encoding: String,
+    #[serde(default = "one")]
+    pub channels: u16,
+    /// The language hint; absent: detected per utterance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
+    /// The language finals are translated into, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translate: Option<String>,
+}
+
+fn one() -> u16 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,8 +162,18 @@ pub enum ClientErrorCode {
     Unavailable,
     /// The edge is at its session limit; retry later.
     ServerBusy,
-    /// No frame arrived within the idle timeout.
+    /// Neither audio nor a `keepalive` arrived within the idle timeout
+    /// (WebSocket pings do not count).
     IdleTimeout,
+    /// The session reached the edge's maximum length; its pending finals
+    /// are delivered, then it closes. Reconnect to go on.
+    SessionTooLong,
+    /// A `config` message has a field that is not understood or a value
+    /// that is not valid; the session goes on with its settings unchanged.
+    InvalidConfig,
+    /// The `channels` query parameter names a layout the edge does not
+    /// take (it takes 1 or 2).
+    UnsupportedChannels,
     /// The edge is shutting down.
     ShuttingDown,
     /// A WebSocket protocol violation.
@@ -151,7 +184,7 @@ pub enum ClientErrorCode {
 }
 
 impl ClientErrorCode {
-    pub const ALL: [ClientErrorCode; 14] = [
+    pub const ALL: [ClientErrorCode; 17] = [
         ClientErrorCode::InvalidQuery,
         ClientErrorCode::UnsupportedEncoding,
         ClientErrorCode::UnsupportedSampleRate,
@@ -163,6 +196,9 @@ impl ClientErrorCode {
         ClientErrorCode::Unavailable,
         ClientErrorCode::ServerBusy,
         ClientErrorCode::IdleTimeout,
+        ClientErrorCode::SessionTooLong,
+        ClientErrorCode::InvalidConfig,
+        ClientErrorCode::UnsupportedChannels,
         ClientErrorCode::ShuttingDown,
         ClientErrorCode::ProtocolError,
         ClientErrorCode::TranslationUnavailable,
@@ -181,6 +217,9 @@ impl ClientErrorCode {
             ClientErrorCode::Unavailable => "unavailable",
             ClientErrorCode::ServerBusy => "server_busy",
             ClientErrorCode::IdleTimeout => "idle_timeout",
+            ClientErrorCode::SessionTooLong => "session_too_long",
+            ClientErrorCode::InvalidConfig => "invalid_config",
+            ClientErrorCode::UnsupportedChannels => "unsupported_channels",
             ClientErrorCode::ShuttingDown => "shutting_down",
             ClientErrorCode::ProtocolError => "protocol_error",
             ClientErrorCode::TranslationUnavailable => "translation_unavailable",
@@ -208,16 +247,33 @@ impl ServerMessage {
 }
 
 /// What a client may send on a text frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientMessage {
     /// End the current utterance now.
     Finalize,
     /// End the session after the pending finals.
     Close,
+    /// The client is still there (it has nothing to send): restarts the
+    /// idle timer, as audio does.
+    KeepAlive,
+    /// Change settings for the utterances that start after it.
+    Config(ConfigChange),
 }
 
+/// A `config` message: each field present is changed, each absent one
+/// stays as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigChange {
+    /// `Some(None)`: detect the language (`"auto"`).
+    pub language: Option<Option<String>>,
+    /// `Some(None)`: stop translating (`null` or `""`).
+    pub translate: Option<Option<String>>,
+}
+
+const MESSAGE_TYPES: &str = "\"finalize\", \"keepalive\", \"config\" or \"close\"";
+
 /// Parses a control message, telling malformed JSON apart from an unknown
-/// message type.
+/// message type and a bad `config`.
 pub fn parse_client_message(text: &str) -> Result<ClientMessage, ErrorMessage> {
     let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         ErrorMessage::new(
@@ -236,15 +292,63 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ErrorMessage> {
     match kind {
         "finalize" => Ok(ClientMessage::Finalize),
         "close" => Ok(ClientMessage::Close),
+        "keepalive" => Ok(ClientMessage::KeepAlive),
+        "config" => parse_config(&value).map(ClientMessage::Config),
         other => Err(ErrorMessage::new(
             ClientErrorCode::UnknownMessageType,
             format!(
-                "unknown message type {:?}: expected \"finalize\" or \"close\"",
+                "unknown message type {:?}: expected {MESSAGE_TYPES}",
                 truncate(other, 64)
             ),
             false,
         )),
     }
+}
+
+fn parse_config(value: &serde_json::Value) -> Result<ConfigChange, ErrorMessage> {
+    let bad = |m: String| ErrorMessage::new(ClientErrorCode::InvalidConfig, m, false);
+    let mut change = ConfigChange::default();
+    // `type` is checked above; every other field must be known.
+    let Some(fields) = value.as_object() else {
+        return Err(bad("config must be a JSON object".into()));
+    };
+    for (key, v) in fields {
+        match key.as_str() {
+            "type" => {}
+            "language" => match v.as_str() {
+                Some("auto") => change.language = Some(None),
+                Some(code) if is_language_code(code) => {
+                    change.language = Some(Some(code.to_owned()))
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "config language {} must be an ISO 639-1 code such as \"en\", or \"auto\"",
+                        truncate(&v.to_string(), 32)
+                    )));
+                }
+            },
+            "translate" => match v {
+                serde_json::Value::Null => change.translate = Some(None),
+                serde_json::Value::String(s) if s.is_empty() => change.translate = Some(None),
+                serde_json::Value::String(s) if is_language_code(s) => {
+                    change.translate = Some(Some(s.clone()))
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "config translate {} must be a language code such as \"en\", or null to stop translating",
+                        truncate(&v.to_string(), 32)
+                    )));
+                }
+            },
+            other => {
+                return Err(bad(format!(
+                    "config field {:?} is not known: known are language, translate",
+                    truncate(other, 32)
+                )));
+            }
+        }
+    }
+    Ok(change)
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {
@@ -287,6 +391,24 @@ mod tests {
             parse_client_message(r#" {"type":"close","extra":1} "#),
             Ok(ClientMessage::Close)
         );
+        assert_eq!(
+            parse_client_message(r#"{"type":"keepalive"}"#),
+            Ok(ClientMessage::KeepAlive)
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"config","language":"de","translate":null}"#),
+            Ok(ClientMessage::Config(ConfigChange {
+                language: Some(Some("de".into())),
+                translate: Some(None),
+            }))
+        );
+        assert_eq!(
+            parse_client_message(r#"{"type":"config","language":"auto"}"#),
+            Ok(ClientMessage::Config(ConfigChange {
+                language: Some(None),
+                translate: None,
+            }))
+        );
     }
 
     #[test]
@@ -295,6 +417,18 @@ mod tests {
         assert_eq!(code("hello"), ClientErrorCode::InvalidJson);
         assert_eq!(code("[1,2]"), ClientErrorCode::InvalidJson);
         assert_eq!(code(r#"{"type":3}"#), ClientErrorCode::InvalidJson);
+        assert_eq!(
+            code(r#"{"type":"config","language":"German"}"#),
+            ClientErrorCode::InvalidConfig
+        );
+        assert_eq!(
+            code(r#"{"type":"config","translate":5}"#),
+            ClientErrorCode::InvalidConfig
+        );
+        assert_eq!(
+            code(r#"{"type":"config","speed":2}"#),
+            ClientErrorCode::InvalidConfig
+        );
         assert_eq!(
             code(r#"{"type":"dance"}"#),
             ClientErrorCode::UnknownMessageType

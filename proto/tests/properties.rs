@@ -9,7 +9,7 @@
 use bytes::{Bytes, BytesMut};
 use earshot_proto::client::{
     ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, SegmentMessage, ServerMessage,
-    SessionInfo, TranslationMessage, parse_client_message,
+    SessionInfo, SpeechStartedMessage, TranslationMessage, parse_client_message,
 };
 use earshot_proto::manifest::{
     Channel, FileEntry, Format, Kind, Lineage, Manifest, Quantization, Rollout, Tier,
@@ -331,10 +331,20 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
             vec(text(12), 0..4),
             any::<u32>(),
             text(12),
-            proptest::option::of(text(5)),
+            (
+                any::<u16>(),
+                proptest::option::of(text(5)),
+                proptest::option::of(text(5)),
+            ),
         )
             .prop_map(
-                |((session, edge, jurisdiction), regions, sample_rate, encoding, language)| {
+                |(
+                    (session, edge, jurisdiction),
+                    regions,
+                    sample_rate,
+                    encoding,
+                    (channels, language, translate),
+                )| {
                     ServerMessage::Session(SessionInfo {
                         session,
                         edge,
@@ -342,10 +352,15 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                         regions,
                         sample_rate,
                         encoding,
+                        channels,
                         language,
+                        translate,
                     })
                 }
             ),
+        (any::<u32>(), seconds()).prop_map(|(utterance, start)| {
+            ServerMessage::SpeechStarted(SpeechStartedMessage { utterance, start })
+        }),
         (
             (any::<u32>(), text(200), text(12), text(20), text(64)),
             (seconds(), seconds(), seconds(), seconds(), seconds()),
