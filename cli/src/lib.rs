@@ -7,6 +7,7 @@
 pub mod assets;
 pub mod bench;
 pub mod bench_asr;
+pub mod bench_edge;
 pub mod certs;
 pub mod client;
 pub mod cluster;

@@ -238,6 +238,23 @@ enum BenchCmd {
         #[arg(long, default_value = "10s")]
         window: earshot_asr::EncoderWindow,
     },
+    /// What one edge costs: real-time streams it sustains (`--streams`),
+    /// or memory per idle connection (`--idle`). Runs the built
+    /// earshot-edge as its own process: use a release build.
+    Edge {
+        /// Real-time streams to send (100 ms frames of quiet noise).
+        #[arg(long, conflicts_with = "idle")]
+        streams: Option<usize>,
+        /// Idle connections to hold open instead.
+        #[arg(long)]
+        idle: Option<usize>,
+        /// Seconds to measure the streams over.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// The edge's VAD threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Registry publish/sync throughput and promote/rollback times.
     Registry {
         /// Size of the model to publish.
@@ -504,6 +521,20 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
                     workdir,
                 },
         } => bench::registry::run(size_mib, poll_ms, &workdir).await,
+        Cmd::Bench {
+            command:
+                BenchCmd::Edge {
+                    streams,
+                    idle,
+                    seconds,
+                    threads,
+                },
+        } => match (streams, idle) {
+            (_, Some(n)) => earshot_cli::bench_edge::idle(n).await,
+            (n, None) => {
+                earshot_cli::bench_edge::streams(n.unwrap_or(1500), seconds, threads).await
+            }
+        },
         Cmd::Verify {
             file,
             ca,

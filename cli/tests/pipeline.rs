@@ -981,3 +981,108 @@ async fn every_final_carries_a_receipt_that_earshot_verify_checks() {
     assert!(out.contains("1 verified, 1 failed"), "{out}");
     cluster.stop().await.unwrap();
 }
+
+/// The official `openai` Python client (scripts/openai_check.py) sends a
+/// WAV of the spoken sentences to `/v1/audio/transcriptions` in every
+/// response format, and to `/v1/audio/translations`, on real weights; the
+/// file goes through the edge's VAD and uplink like a session's audio. A
+/// file that is not audio gets a 400 in OpenAI's error shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_transcribes_a_wav_in_every_response_format() {
+    let model_dir = earshot_cli::assets::real_model("whisper-tiny.en").unwrap();
+    let cluster = Cluster::single(&model_dir, "").await.unwrap();
+    let speech = speak(cluster.dir.path());
+    let wav = cluster.dir.path().join("speech.wav");
+    speech.write_wav(&wav).unwrap();
+    let not_audio = cluster.dir.path().join("notes.wav");
+    std::fs::write(&not_audio, "RIFF but not really a WAV file at all").unwrap();
+    let base = format!("http://127.0.0.1:{}/v1", cluster.edge_ports["edge-fra"]);
+    let python = earshot_cli::assets::python().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/openai_check.py");
+    let output = tokio::process::Command::new(python)
+        .arg(script)
+        .arg(&base)
+        .arg(&wav)
+        .arg(&not_audio)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let calls: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let find = |call: &str, format: &str| {
+        calls
+            .iter()
+            .find(|c| c["call"] == call && c["format"] == format)
+            .unwrap_or_else(|| panic!("no {call} {format} in {stdout}"))
+    };
+    let wer = |text: &str| {
+        let mut e = earshot_asr::wer::WordErrors::default();
+        e.add(&SENTENCES.join(" "), text);
+        e.rate()
+    };
+    let json = find("transcriptions", "json")["text"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eprintln!("file WER {:.1}%: {json}", 100.0 * wer(&json));
+    // The session path gives 16% on these sentences (measured).
+    assert!(wer(&json) < 0.32, "{json}");
+    let text = find("transcriptions", "text")["body"].as_str().unwrap();
+    assert_eq!(text.trim(), json);
+    let verbose = find("transcriptions", "verbose_json");
+    assert_eq!(verbose["text"], json.as_str());
+    assert_eq!(verbose["language"], "en");
+    let duration = speech.samples.len() as f64 / 16_000.0;
+    assert!((verbose["duration"].as_f64().unwrap() - duration).abs() < 0.05);
+    let segments = verbose["segments"].as_array().unwrap();
+    assert!(segments.len() >= SENTENCES.len(), "{verbose}");
+    let mut last_end = 0.0;
+    for s in segments {
+        let (start, end) = (s[0].as_f64().unwrap(), s[1].as_f64().unwrap());
+        assert!(
+            last_end <= start + 1e-6 && start < end && end <= duration,
+            "{s}"
+        );
+        last_end = end;
+    }
+    // Cues in SubRip and WebVTT, one per segment, in file time.
+    let srt = find("transcriptions", "srt")["body"].as_str().unwrap();
+    let vtt = find("transcriptions", "vtt")["body"].as_str().unwrap();
+    assert!(vtt.starts_with("WEBVTT\n\n"), "{vtt}");
+    assert_eq!(srt.matches(" --> ").count(), segments.len(), "{srt}");
+    assert_eq!(vtt.matches(" --> ").count(), segments.len(), "{vtt}");
+    assert!(srt.starts_with("1\n00:00:00,"), "{srt}");
+    let words = find("transcriptions", "verbose_json+words");
+    let listed = words["words"].as_array().unwrap();
+    assert_eq!(listed.len(), json.split_whitespace().count(), "{words}");
+    assert!(!words["segments"].as_array().unwrap().is_empty());
+    // tiny.en translates into English by transcribing.
+    let translated = find("translations", "json")["text"].as_str().unwrap();
+    assert_eq!(translated, json);
+    let bad = calls.iter().find(|c| c["call"] == "not_audio").unwrap();
+    assert_eq!(bad["status"], 400, "{bad}");
+    assert_eq!(bad["code"], "invalid_file", "{bad}");
+    assert_eq!(bad["type"], "invalid_request_error", "{bad}");
+
+    let edge = cluster
+        .metrics(cluster.edge_ports["edge-fra"])
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&edge, r#"earshot_edge_files_total{reason="ok"}"#),
+        Some(7.0)
+    );
+    assert_eq!(
+        metric(&edge, r#"earshot_edge_files_total{reason="bad_file"}"#),
+        Some(1.0)
+    );
+    cluster.stop().await.unwrap();
+}

@@ -98,6 +98,9 @@ pub struct Limits {
     pub retry_after_s: u32,
     /// Largest WebSocket message (audio or text) a client may send.
     pub max_frame_bytes: usize,
+    /// Largest file `/v1/audio/transcriptions` and `/translations` take
+    /// (OpenAI's limit is 25 MB).
+    pub max_file_bytes: usize,
     /// A session that sends neither audio nor a `keepalive` message for
     /// this long is closed (`idle_timeout`). WebSocket pings do not count.
     pub idle_timeout_ms: u64,
@@ -135,6 +138,7 @@ impl Default for Limits {
             max_sessions: 2048,
             retry_after_s: 2,
             max_frame_bytes: 1 << 20,
+            max_file_bytes: 25 << 20,
             idle_timeout_ms: 10_000,
             max_session_ms: 4 * 3600 * 1000,
             header_timeout_ms: 5_000,
@@ -300,6 +304,9 @@ impl EdgeConfig {
             }
         }
         let l = &self.limits;
+        if l.max_file_bytes < 1024 || l.max_file_bytes > 1 << 30 {
+            return bad("limits.max_file_bytes must be in 1024..=1073741824".into());
+        }
         if l.max_sessions == 0 || l.max_pending_utterances == 0 || l.max_frame_bytes < 1024 {
             return bad("limits.max_sessions and limits.max_pending_utterances must be positive, limits.max_frame_bytes at least 1024".into());
         }

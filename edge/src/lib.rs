@@ -11,6 +11,7 @@ pub mod breaker;
 pub mod clock;
 pub mod config;
 pub mod endpoint;
+pub mod files;
 pub mod metrics;
 pub mod resample;
 pub mod session;
@@ -190,6 +191,17 @@ impl Edge {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/v1/listen", get(listen))
+            .route(
+                "/v1/audio/transcriptions",
+                axum::routing::post(files::transcriptions),
+            )
+            .route(
+                "/v1/audio/translations",
+                axum::routing::post(files::translations),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(
+                self.inner.config.limits.max_file_bytes + (64 << 10),
+            ))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(ready))
             .route("/metrics", get(metrics_text))

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub vad_batch_size: Histogram,
     pub vad_compute_seconds: Counter<f64, AtomicU64>,
     pub vad_windows: Counter,
+    pub frame_seconds: Histogram,
+    pub files: Family<ReasonLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,6 +93,9 @@ impl Metrics {
             vad_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
             vad_compute_seconds: Counter::default(),
             vad_windows: Counter::default(),
+            // 0.5 ms .. ~1.3 s in steps of 25%
+            frame_seconds: Histogram::new(exponential_buckets(0.0005, 1.25, 36)),
+            files: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -174,6 +179,16 @@ impl Metrics {
             "32 ms stream windows evaluated by Silero",
             m.vad_windows.clone(),
         );
+        registry.register(
+            "frame_seconds",
+            "Time from an audio frame's arrival to its last VAD window evaluated (waiting for a VAD thread included)",
+            m.frame_seconds.clone(),
+        );
+        registry.register(
+            "files",
+            "Files sent to /v1/audio/transcriptions or /translations, by outcome (ok, bad_file: refused as not readable audio, error: no region could answer or the edge failed)",
+            m.files.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -200,6 +215,9 @@ impl Metrics {
         let _ = self.refused.get_or_create(&ReasonLabel {
             reason: "max_sessions",
         });
+        for reason in ["ok", "bad_file", "error"] {
+            let _ = self.files.get_or_create(&ReasonLabel { reason });
+        }
         let none = ["none".to_owned()];
         for region in regions.iter().chain(&none) {
             for outcome in ["final", "error"] {

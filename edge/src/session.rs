@@ -448,10 +448,12 @@ impl Session {
                     match msg {
                         None | Some(Ok(Message::Close(_))) => break End::Gone,
                         Some(Ok(Message::Binary(data))) => {
-                            self.clock.input(Instant::now());
+                            let arrived = Instant::now();
+                            self.clock.input(arrived);
                             if let Err(e) = self.on_audio(&mut socket, data).await {
                                 break e;
                             }
+                            edge.metrics.frame_seconds.observe(arrived.elapsed().as_secs_f64());
                         }
                         Some(Ok(Message::Text(text))) => {
                             let sent = match parse_client_message(&text) {
@@ -759,7 +761,6 @@ impl Session {
                 return self.send(socket, ServerMessage::Error(msg)).await;
             }
         };
-        let seconds = |s: u64| s as f64 / f64::from(wire::SAMPLE_RATE);
         match outcome.result {
             Ok(answer) => {
                 metrics
@@ -783,53 +784,18 @@ impl Session {
                     text = %earshot_common::telemetry::content(&answer.fin.text),
                     "final"
                 );
-                let language =
-                    (!answer.fin.language.is_empty()).then(|| answer.fin.language.clone());
-                let language_probability = (answer.fin.language_probability >= 0.0)
-                    .then_some(answer.fin.language_probability);
-                let mut unavailable = None;
-                let translation = match answer.fin.translation {
-                    Some(Translated::Text(t)) => {
-                        Some(ServerMessage::Translation(TranslationMessage {
-                            utterance: outcome.number,
-                            language: t.language,
-                            text: t.text,
-                        }))
-                    }
-                    Some(Translated::Unavailable { language, reason }) => {
-                        unavailable = Some((language, reason));
-                        None
-                    }
-                    None => None,
-                };
-                let receipt = answer
-                    .fin
-                    .receipt
-                    .as_deref()
-                    .map(|r| Box::new(earshot_common::receipt::to_message(r)));
-                let final_message = FinalMessage {
-                    utterance: outcome.number,
-                    text: answer.fin.text,
-                    region: answer.region,
-                    model: answer.fin.model,
-                    start: seconds(outcome.segment.start),
-                    end: seconds(outcome.segment.end),
-                    audio_sha256: hex(&answer.fin.audio_sha256),
-                    latency_ms: micros_to_ms(latency.as_micros() as u64),
-                    queue_ms: micros_to_ms(answer.fin.queue_us.into()),
-                    inference_ms: micros_to_ms(answer.fin.inference_us.into()),
-                    language,
-                    language_probability,
-                    segments: self
-                        .params
-                        .timestamps
-                        .then(|| in_session(answer.fin.segments, seconds(outcome.segment.start))),
-                    words: self
-                        .params
-                        .words
-                        .then(|| in_session(answer.fin.words, seconds(outcome.segment.start))),
-                    receipt,
-                };
+                let Delivered {
+                    fin: final_message,
+                    translation,
+                    unavailable,
+                } = to_client(
+                    outcome.number,
+                    outcome.segment,
+                    latency,
+                    answer,
+                    self.params.timestamps,
+                    self.params.words,
+                );
                 if let Err(why) = self.check_receipt(&final_message) {
                     let mut msg = ErrorMessage::new(
                         ClientErrorCode::UtteranceFailed,
@@ -845,7 +811,7 @@ impl Session {
                 self.send(socket, ServerMessage::Final(final_message))
                     .await?;
                 if let Some(t) = translation {
-                    self.send(socket, t).await?;
+                    self.send(socket, ServerMessage::Translation(t)).await?;
                 }
                 match unavailable {
                     // The region found no model for the pair: one error for
@@ -899,40 +865,8 @@ impl Session {
         }
     }
 
-    /// The receipt on `fin` verifies against the CA and topology, for a
-    /// session of this edge's jurisdiction, and names this session; every
-    /// outcome is counted. A final that fails is not delivered.
     fn check_receipt(&self, fin: &FinalMessage) -> Result<(), String> {
-        let checked = self
-            .edge
-            .receipts
-            .verify(fin, Some(&self.edge.jurisdiction))
-            .map_err(|f| (f.code(), f.to_string()))
-            .and_then(|()| {
-                let claims = fin.receipt.as_ref().map(|r| &r.claims);
-                match claims {
-                    Some(c) if c.session == self.id.to_string() && c.edge == self.edge.name => {
-                        Ok(())
-                    }
-                    _ => Err(("mismatch", "the receipt names another session".to_owned())),
-                }
-            });
-        let outcome = match &checked {
-            Ok(()) => "verified",
-            Err((code, _)) => *code,
-        };
-        self.edge
-            .metrics
-            .receipts
-            .get_or_create(&ReceiptLabel {
-                region: fin.region.clone(),
-                outcome,
-            })
-            .inc();
-        checked.map_err(|(code, why)| {
-            tracing::error!(region = %fin.region, %code, %why, "final withheld: its receipt does not verify");
-            why
-        })
+        check_receipt(&self.edge, fin, &self.id.to_string())
     }
 
     async fn send_error(
@@ -975,6 +909,109 @@ impl Session {
     async fn send(&self, socket: &mut WebSocket, msg: ServerMessage) -> Result<(), axum::Error> {
         socket.send(Message::Text(msg.to_json().into())).await
     }
+}
+
+/// A region's answer as the client sees it.
+pub(crate) struct Delivered {
+    pub fin: FinalMessage,
+    pub translation: Option<TranslationMessage>,
+    /// The region found no model for the session's translation pair:
+    /// `(target, reason)`.
+    pub unavailable: Option<(String, String)>,
+}
+
+/// The final (and translation) of utterance `number`, cut at `segment` of
+/// the session's audio, answered `latency` after the cut; `segments` and
+/// `words` when the session asked for them.
+pub(crate) fn to_client(
+    number: u32,
+    segment: Segment,
+    latency: Duration,
+    answer: Answer,
+    timestamps: bool,
+    words: bool,
+) -> Delivered {
+    let seconds = |s: u64| s as f64 / f64::from(wire::SAMPLE_RATE);
+    let language = (!answer.fin.language.is_empty()).then(|| answer.fin.language.clone());
+    let language_probability =
+        (answer.fin.language_probability >= 0.0).then_some(answer.fin.language_probability);
+    let mut unavailable = None;
+    let translation = match answer.fin.translation {
+        Some(Translated::Text(t)) => Some(TranslationMessage {
+            utterance: number,
+            language: t.language,
+            text: t.text,
+        }),
+        Some(Translated::Unavailable { language, reason }) => {
+            unavailable = Some((language, reason));
+            None
+        }
+        None => None,
+    };
+    let receipt = answer
+        .fin
+        .receipt
+        .as_deref()
+        .map(|r| Box::new(earshot_common::receipt::to_message(r)));
+    let start = seconds(segment.start);
+    let fin = FinalMessage {
+        utterance: number,
+        text: answer.fin.text,
+        region: answer.region,
+        model: answer.fin.model,
+        start,
+        end: seconds(segment.end),
+        audio_sha256: hex(&answer.fin.audio_sha256),
+        latency_ms: micros_to_ms(latency.as_micros() as u64),
+        queue_ms: micros_to_ms(answer.fin.queue_us.into()),
+        inference_ms: micros_to_ms(answer.fin.inference_us.into()),
+        language,
+        language_probability,
+        segments: timestamps.then(|| in_session(answer.fin.segments, start)),
+        words: words.then(|| in_session(answer.fin.words, start)),
+        receipt,
+    };
+    Delivered {
+        fin,
+        translation,
+        unavailable,
+    }
+}
+
+/// The receipt on `fin` verifies against the CA and topology, for a
+/// session of the edge's jurisdiction, and names `session` and this edge;
+/// every outcome is counted. A final that fails is not delivered.
+pub(crate) fn check_receipt(
+    edge: &EdgeInner,
+    fin: &FinalMessage,
+    session: &str,
+) -> Result<(), String> {
+    let checked = edge
+        .receipts
+        .verify(fin, Some(&edge.jurisdiction))
+        .map_err(|f| (f.code(), f.to_string()))
+        .and_then(|()| {
+            let claims = fin.receipt.as_ref().map(|r| &r.claims);
+            match claims {
+                Some(c) if c.session == session && c.edge == edge.name => Ok(()),
+                _ => Err(("mismatch", "the receipt names another session".to_owned())),
+            }
+        });
+    let outcome = match &checked {
+        Ok(()) => "verified",
+        Err((code, _)) => *code,
+    };
+    edge.metrics
+        .receipts
+        .get_or_create(&ReceiptLabel {
+            region: fin.region.clone(),
+            outcome,
+        })
+        .inc();
+    checked.map_err(|(code, why)| {
+        tracing::error!(region = %fin.region, %code, %why, "final withheld: its receipt does not verify");
+        why
+    })
 }
 
 /// Whether a receive error is the message-size limit.
