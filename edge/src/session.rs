@@ -269,7 +269,7 @@ pub async fn run(
         id,
         params,
         vad: VadStream::default(),
-        pending: Vec::with_capacity(WINDOW),
+        pending: Vec::new(),
         processed: 0,
         audio: Vec::new(),
         audio_base: 0,
