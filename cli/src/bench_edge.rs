@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use earshot_edge::EdgeConfig;
 use earshot_edge::vad::{Silero, VadStream, WINDOW};
 use futures::{SinkExt, StreamExt};
 use tokio::time::Instant;
@@ -46,7 +45,15 @@ impl EdgeProcess {
             Some(path) => path.into(),
             None => assets::binary("earshot-edge")?,
         };
-        let port = EdgeConfig::load(&config)?.listen.port();
+        // The port from the file itself, so that an older edge's config
+        // (another schema) can be measured too.
+        let text: toml::Table = std::fs::read_to_string(&config)?.parse()?;
+        let port = text
+            .get("listen")
+            .and_then(|l| l.as_str())
+            .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+            .context("the edge config has no listen address")?
+            .port();
         let log = std::fs::File::create(dir.path().join("edge.log"))?;
         let mut child = std::process::Command::new(&binary)
             .arg("--config")
@@ -156,8 +163,11 @@ fn noise_frame(seed: u64) -> Vec<u8> {
 
 /// Runs `--streams`.
 pub async fn streams(streams: usize, seconds: f64, threads: usize) -> anyhow::Result<()> {
+    // EARSHOT_EDGE_VAD_THREADS_KEY: what the measured edge's config calls
+    // the VAD thread count (`sessions` before the VAD was batched).
+    let key = std::env::var("EARSHOT_EDGE_VAD_THREADS_KEY").unwrap_or_else(|_| "threads".into());
     let extra = format!(
-        "threads = {threads}\n[limits]\nmax_sessions = {}\nidle_timeout_ms = 600000\n",
+        "{key} = {threads}\n[limits]\nmax_sessions = {}\nidle_timeout_ms = 600000\n",
         streams + 16
     );
     let edge = EdgeProcess::start(&extra).await?;
