@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what earshot needs to build, test and run its demo on Debian, as
 # root. Idempotent: every step checks first and does nothing when done.
-#   - Debian packages: redis-server, espeak-ng, sox, python3 with venv, gdnsd, dnsutils
+#   - Debian packages: redis-server, espeak-ng, sox, python3 with venv, gdnsd, dnsutils,
+#     chromium (headless, for the captions page's test)
 #   - .venv: the onnxruntime and silero-vad wheels (ONNX Runtime's library
 #     and the Silero VAD model come from there), and awscli (a second S3
 #     client the registry's tests read the registry with)
@@ -37,6 +38,8 @@ command -v cc >/dev/null || missing+=(build-essential)
 # GeoDNS for `earshot up` and its tests: gdnsd, and dig to ask it.
 command -v gdnsd >/dev/null || [ -x /usr/sbin/gdnsd ] || missing+=(gdnsd)
 command -v dig >/dev/null || missing+=(dnsutils)
+# Headless Chromium for the live-captions page's test (and a font for it).
+command -v chromium >/dev/null || missing+=(chromium fonts-dejavu-core)
 if ((${#missing[@]})); then
   if [ "$(id -u)" != 0 ]; then
     say "missing packages: ${missing[*]}; run as root or install them with apt-get"

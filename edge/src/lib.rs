@@ -202,6 +202,7 @@ impl Edge {
             .layer(axum::extract::DefaultBodyLimit::max(
                 self.inner.config.limits.max_file_bytes + (64 << 10),
             ))
+            .route("/", get(captions_page))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(ready))
             .route("/metrics", get(metrics_text))
@@ -342,6 +343,11 @@ async fn listen(
             let tracker = edge.tracker.clone();
             tracker.track_future(session::run(socket, query, edge, permit))
         })
+}
+
+/// The live-captions page: plain HTML and JavaScript speaking `/v1/listen`.
+async fn captions_page() -> Response {
+    axum::response::Html(include_str!("captions.html")).into_response()
 }
 
 async fn ready(State(edge): State<Arc<EdgeInner>>) -> Response {
