@@ -153,11 +153,16 @@ async fn handle(
     translate: bool,
 ) -> Result<Response, ApiError> {
     // A file takes a session's place while it is processed.
-    let Ok(_permit) = edge.sessions.clone().try_acquire_owned() else {
+    let permit = edge.sessions.clone().try_acquire_owned();
+    let Ok(_permit) = permit
+        .ok()
+        .filter(|_| !edge.shutdown.is_cancelled())
+        .ok_or(())
+    else {
         return Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: format!(
-                "this edge is at its limit of {} sessions: retry after {} s",
+                "this edge is draining or at its limit of {} sessions: retry after {} s",
                 edge.config.limits.max_sessions, edge.config.limits.retry_after_s
             ),
             param: None,

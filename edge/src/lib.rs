@@ -251,7 +251,7 @@ async fn accept_loop(listener: TcpListener, router: Router, edge: Arc<EdgeInner>
     use hyper_util::rt::{TokioIo, TokioTimer};
     let header_timeout = Duration::from_millis(edge.config.limits.header_timeout_ms);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = edge.shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -267,7 +267,8 @@ async fn accept_loop(listener: TcpListener, router: Router, edge: Arc<EdgeInner>
         let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let shutdown = edge.shutdown.clone();
-        edge.tracker.spawn(async move {
+        let span = tracing::debug_span!("connection", %peer);
+        let connection = async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
@@ -284,7 +285,9 @@ async fn accept_loop(listener: TcpListener, router: Router, edge: Arc<EdgeInner>
                     let _ = conn.await;
                 }
             }
-        });
+        };
+        edge.tracker
+            .spawn(tracing::Instrument::instrument(connection, span));
     }
 }
 
@@ -299,12 +302,15 @@ async fn listen(
     let limits = &edge.config.limits;
     let permit = match edge.sessions.clone().try_acquire_owned() {
         Ok(p) if !edge.shutdown.is_cancelled() => p,
-        _ => {
+        refused => {
+            let reason = if refused.is_ok() {
+                "draining"
+            } else {
+                "max_sessions"
+            };
             edge.metrics
                 .refused
-                .get_or_create(&metrics::ReasonLabel {
-                    reason: "max_sessions",
-                })
+                .get_or_create(&metrics::ReasonLabel { reason })
                 .inc();
             let body = earshot_common::client::ServerMessage::Error(
                 earshot_common::client::ErrorMessage::new(

@@ -161,7 +161,7 @@ impl Metrics {
         );
         registry.register(
             "refused",
-            "Connections refused before the WebSocket upgrade, by reason (max_sessions: answered 503 with Retry-After)",
+            "Connections refused before the WebSocket upgrade with 503 and Retry-After, by reason (max_sessions, draining)",
             m.refused.clone(),
         );
         registry.register(
@@ -212,9 +212,9 @@ impl Metrics {
                 code: code.as_str(),
             });
         }
-        let _ = self.refused.get_or_create(&ReasonLabel {
-            reason: "max_sessions",
-        });
+        for reason in ["max_sessions", "draining"] {
+            let _ = self.refused.get_or_create(&ReasonLabel { reason });
+        }
         for reason in ["ok", "bad_file", "error"] {
             let _ = self.files.get_or_create(&ReasonLabel { reason });
         }
