@@ -1086,3 +1086,52 @@ async fn the_openai_client_transcribes_a_wav_in_every_response_format() {
     );
     cluster.stop().await.unwrap();
 }
+
+/// A client that sends its audio and then only waits (no `close`, no
+/// `keepalive`) is owed finals, so it is not idle: every final arrives
+/// before the `idle_timeout`, which comes only once nothing is owed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_for_its_finals_is_not_idle() {
+    let cluster = support::single("[limits]\nidle_timeout_ms = 100\n").await;
+    let speech = speak(cluster.dir.path());
+    let url = cluster.listen_url("edge-fra", "");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    for chunk in speech.pcm_bytes().chunks(3200) {
+        ws.send(Message::Binary(chunk.to_vec().into()))
+            .await
+            .unwrap();
+    }
+    // Silence after the last sentence is audio too; then nothing at all.
+    let mut messages = Vec::new();
+    let read = async {
+        while let Some(Ok(msg)) = ws.next().await {
+            match msg {
+                Message::Text(t) => {
+                    messages.push(serde_json::from_str::<ServerMessage>(&t).unwrap())
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("the session did not end");
+    let finals = messages
+        .iter()
+        .filter(|m| matches!(m, ServerMessage::Final(_)))
+        .count();
+    assert_eq!(finals, SENTENCES.len(), "{messages:#?}");
+    let idle = messages
+        .iter()
+        .position(
+            |m| matches!(m, ServerMessage::Error(e) if e.code == ClientErrorCode::IdleTimeout),
+        )
+        .expect("no idle_timeout");
+    let last_final = messages
+        .iter()
+        .rposition(|m| matches!(m, ServerMessage::Final(_)))
+        .unwrap();
+    assert!(last_final < idle, "{messages:#?}");
+    cluster.stop().await.unwrap();
+}

@@ -6,8 +6,9 @@
 //! most client libraries send on their own) and other frames do not, so a
 //! client that only pings is closed like one that sends nothing. A frame
 //! trickled in byte by byte (slow-loris) counts only once it is whole.
-//! While reading is paused for backpressure the client cannot be idle:
-//! [`SessionClock::resume`] restarts the timer when reading goes on.
+//! While the client is owed finals (or reading is paused for
+//! backpressure) it cannot be idle: the IO loop passes `paused`, and
+//! [`SessionClock::resume`] restarts the timer at each final delivered.
 
 use std::time::Duration;
 
@@ -45,14 +46,14 @@ impl SessionClock {
         self.last_input = self.last_input.max(now);
     }
 
-    /// Reading goes on after a pause the client did not cause.
+    /// A final was delivered: the client's idle time starts again.
     pub fn resume(&mut self, now: Instant) {
         self.input(now);
     }
 
     /// The next instant at which [`SessionClock::expired`] can change.
-    /// While `paused` (reading is paused for backpressure) the client
-    /// cannot be idle, so only the age limit counts.
+    /// While `paused` (finals are owed to the client) it cannot be idle,
+    /// so only the age limit counts.
     pub fn deadline(&self, paused: bool) -> Instant {
         let end = self.started + self.max_length;
         if paused {
@@ -141,13 +142,19 @@ mod tests {
     }
 
     #[test]
-    fn resuming_after_backpressure_restarts_the_idle_timer() {
+    fn a_client_owed_finals_is_not_idle_until_the_last_one() {
         let t0 = Instant::now();
         let mut c = clock(t0);
         c.input(t0 + S);
-        // Reading was paused from 1 s to 30 s while finals were pending.
-        assert_eq!(c.expired(t0 + 29 * S, true), None, "paused: not idle");
+        // From 1 s to 30 s the client waits for finals it is owed.
+        assert_eq!(c.expired(t0 + 29 * S, true), None, "owed: not idle");
         assert_eq!(c.deadline(true), t0 + 60 * S);
+        assert_eq!(
+            c.expired(t0 + 60 * S, true),
+            Some(Expiry::TooLong),
+            "age counts"
+        );
+        // The last final arrives at 30 s: idle from there.
         c.resume(t0 + 30 * S);
         assert_eq!(c.expired(t0 + 39 * S, false), None);
         assert_eq!(c.expired(t0 + 40 * S, false), Some(Expiry::Idle));

@@ -102,7 +102,8 @@ pub struct Limits {
     /// (OpenAI's limit is 25 MB).
     pub max_file_bytes: usize,
     /// A session that sends neither audio nor a `keepalive` message for
-    /// this long is closed (`idle_timeout`). WebSocket pings do not count.
+    /// this long, while no final is owed to it, is closed (`idle_timeout`).
+    /// WebSocket pings do not count.
     pub idle_timeout_ms: u64,
     /// A session open this long is closed (`session_too_long`) after its
     /// pending finals: reconnect to go on.

@@ -423,23 +423,23 @@ impl Session {
         let max_pending = edge.config.limits.max_pending_utterances;
         let end = loop {
             let can_read = self.inflight.len() < max_pending;
-            // Before waiting, so that a client sending without pause cannot
-            // keep the session past its limits.
-            if let Some(expiry) = self.clock.expired(Instant::now(), !can_read) {
+            // A client waiting for finals it is owed (or held back by
+            // backpressure) is not idle; its idle time starts again at the
+            // last final.
+            let owed = !self.inflight.is_empty();
+            // Checked before waiting, so that a client sending without
+            // pause cannot keep the session past its limits.
+            if let Some(expiry) = self.clock.expired(Instant::now(), owed) {
                 break self.expire(&mut socket, expiry).await;
             }
-            let deadline = self.clock.deadline(!can_read);
+            let deadline = self.clock.deadline(owed);
             tokio::select! {
                 biased;
                 Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
                     if self.deliver(&mut socket, done).await.is_err() {
                         break End::Gone;
                     }
-                    // While reading was paused for backpressure the client
-                    // was not idle: its idle time starts now.
-                    if !can_read {
-                        self.clock.resume(Instant::now());
-                    }
+                    self.clock.resume(Instant::now());
                 }
                 _ = edge.shutdown.cancelled() => {
                     break End::Close(close::GOING_AWAY, "edge shutting down", Some("shutting_down"));
