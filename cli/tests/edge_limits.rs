@@ -44,7 +44,7 @@ struct Ending {
     closing: Option<String>,
     close: Option<u16>,
     at: Duration,
-    /// When the client last sent something.
+    /// When the client last began to send something.
     last_sent: Duration,
 }
 
@@ -69,9 +69,12 @@ async fn session_until_closed(
     loop {
         tokio::select! {
             _ = ticks.tick() => {
-                if let Some(m) = act(began.elapsed()) {
+                let now = began.elapsed();
+                if let Some(m) = act(now) {
+                    // Stamped before the send: the edge cannot have it
+                    // earlier, so `last_sent + idle` is a true lower bound.
+                    ending.last_sent = now;
                     let _ = sink.send(m).await;
-                    ending.last_sent = began.elapsed();
                 }
             }
             msg = source.next() => match msg {
