@@ -377,6 +377,31 @@ async fn raw_session(
     (got, close)
 }
 
+/// What the edge sends on `ws` until it closes (within `within`).
+async fn read_until_close(
+    ws: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    within: Duration,
+) -> Vec<ServerMessage> {
+    let mut messages = Vec::new();
+    let read = async {
+        while let Some(Ok(msg)) = ws.next().await {
+            match msg {
+                Message::Text(t) => {
+                    messages.push(serde_json::from_str::<ServerMessage>(&t).unwrap())
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .expect("the session did not end");
+    messages
+}
+
 fn has_translation(messages: &[ServerMessage]) -> bool {
     messages
         .iter()
@@ -574,21 +599,7 @@ async fn stereo_audio_at_44_1_khz_is_resampled_and_transcribed() {
         ws
     };
     ws = sender.await;
-    let mut messages = Vec::new();
-    let read = async {
-        while let Some(Ok(msg)) = ws.next().await {
-            match msg {
-                Message::Text(t) => {
-                    messages.push(serde_json::from_str::<ServerMessage>(&t).unwrap())
-                }
-                Message::Close(_) => break,
-                _ => {}
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(120), read)
-        .await
-        .expect("session did not finish");
+    let messages = read_until_close(&mut ws, Duration::from_secs(120)).await;
     let ServerMessage::Session(info) = &messages[0] else {
         panic!("{:?}", messages[0]);
     };
@@ -1102,21 +1113,7 @@ async fn a_client_waiting_for_its_finals_is_not_idle() {
             .unwrap();
     }
     // Silence after the last sentence is audio too; then nothing at all.
-    let mut messages = Vec::new();
-    let read = async {
-        while let Some(Ok(msg)) = ws.next().await {
-            match msg {
-                Message::Text(t) => {
-                    messages.push(serde_json::from_str::<ServerMessage>(&t).unwrap())
-                }
-                Message::Close(_) => break,
-                _ => {}
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(60), read)
-        .await
-        .expect("the session did not end");
+    let messages = read_until_close(&mut ws, Duration::from_secs(60)).await;
     let finals = messages
         .iter()
         .filter(|m| matches!(m, ServerMessage::Final(_)))
