@@ -117,8 +117,9 @@ if [ ! -f .cache/models/whisper-tiny.en/model.safetensors ] || [ ! -f .cache/mod
   earshot models import-ct2 "$ct2/tiny.en" --out .cache/models/whisper-tiny.en
   earshot models import-ct2 "$ct2/base" --out .cache/models/whisper-base
 fi
-if [ ! -f .cache/models/whisper-tiny.en-q8_0/model.gguf ]; then
+q8=.cache/models/whisper-tiny.en-q8_0
+if [ ! -f $q8/model.gguf ] || { [ -f .cache/models/whisper-tiny.en/generation_config.json ] && [ ! -f $q8/generation_config.json ]; }; then
   say "quantizing tiny.en to GGUF q8_0 (the edge tier)"
-  earshot models quantize .cache/models/whisper-tiny.en --scheme q8_0 --out .cache/models/whisper-tiny.en-q8_0
+  earshot models quantize .cache/models/whisper-tiny.en --scheme q8_0 --out $q8
 fi
 say "ok"

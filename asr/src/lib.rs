@@ -13,6 +13,7 @@ pub mod marian;
 pub mod mel;
 pub mod net;
 pub mod quantize;
+pub mod slot;
 pub mod wer;
 pub mod whisper;
 

@@ -3,58 +3,162 @@
 //! own state ([`DecodeState`]) with a self-attention key/value cache, so a
 //! step feeds only the new token instead of re-running the whole prefix.
 //!
-//! It reads the published Hugging Face tensor names. At load time the
-//! self-attention q/k/v projections are fused into one matrix, and the
-//! attention scale `1/sqrt(d_head)` is folded into the query weights (Whisper
-//! scales q and k by `d_head^-1/4` each; the key has no bias, so this is the
-//! same). Activations use the exact (erf) GELU, as OpenAI's model does.
-//! Every call takes a batch dimension: rows are independent utterances.
+//! It reads the published Hugging Face tensor names, from safetensors in
+//! f32/f16 or from a GGUF file whose matrices are quantized (q8_0, q4_0:
+//! the edge tier), through [`Weights`]. At load time the self-attention
+//! q/k/v projections are fused into one matrix, and the attention scale
+//! `1/sqrt(d_head)` is folded into the query weights (Whisper scales q and k
+//! by `d_head^-1/4` each; the key has no bias, so this is the same); fused
+//! quantized matrices are dequantized, joined and quantized again in their
+//! own scheme (blocks run along rows, and the scale is a power of two for
+//! Whisper's 64-wide heads, so nothing is lost). Activations use the exact
+//! (erf) GELU, as OpenAI's model does. Every call takes a batch dimension:
+//! rows are independent utterances.
 
-use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Shape, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::whisper::Config;
+use candle_transformers::quantized_var_builder::VarBuilder as GgufVarBuilder;
 
 use crate::kernels;
+
+/// Where a [`Net`]'s tensors come from.
+#[derive(Clone)]
+pub enum Weights<'a> {
+    /// Published safetensors, in the dtype the builder was opened with.
+    Float(VarBuilder<'a>),
+    /// A GGUF file: matrices stay quantized, everything else is read as f32.
+    Gguf(GgufVarBuilder),
+}
+
+impl Weights<'_> {
+    fn pp(&self, name: impl ToString) -> Self {
+        match self {
+            Weights::Float(vb) => Weights::Float(vb.pp(name)),
+            Weights::Gguf(vb) => Weights::Gguf(vb.pp(name)),
+        }
+    }
+
+    fn device(&self) -> &Device {
+        match self {
+            Weights::Float(vb) => vb.device(),
+            Weights::Gguf(vb) => vb.device(),
+        }
+    }
+
+    /// A tensor as plain values (a quantized one dequantized).
+    fn get(&self, shape: impl Into<Shape>, name: &str) -> Result<Tensor> {
+        match self {
+            Weights::Float(vb) => vb.get(shape, name),
+            Weights::Gguf(vb) => vb.get(shape, name)?.dequantize(vb.device()),
+        }
+    }
+
+    /// A tensor's dimensions, whatever they are.
+    fn dims(&self, name: &str) -> Result<Vec<usize>> {
+        match self {
+            Weights::Float(vb) => Ok(vb.get_unchecked(name)?.dims().to_vec()),
+            Weights::Gguf(vb) => Ok(vb.get_no_shape(name)?.shape().dims().to_vec()),
+        }
+    }
+
+    /// The scheme a matrix is quantized in (`None`: plain values).
+    fn scheme(&self, name: &str) -> Result<Option<GgmlDType>> {
+        match self {
+            Weights::Float(_) => Ok(None),
+            Weights::Gguf(vb) => Ok(quantized(vb.get_no_shape(name)?.dtype())),
+        }
+    }
+}
+
+fn quantized(dtype: GgmlDType) -> Option<GgmlDType> {
+    match dtype {
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => None,
+        q => Some(q),
+    }
+}
 
 /// A linear layer applied to every position of every row as one matrix
 /// product: `(B, L, D)` is flattened to `(B*L, D)` first. (candle's
 /// `Linear` broadcasts the weight over the batch instead, one product per
 /// row, which reads the weights once per row: batching would save nothing.)
-struct Dense(Linear);
+enum Dense {
+    Float(Linear),
+    /// Quantized weights (the product quantizes its input rows to 8 bits
+    /// and multiplies in integers) and a plain bias.
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
+}
 
 impl Dense {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match *x.dims() {
-            [b, l, d] => {
-                let y = self.0.forward(&x.reshape((b * l, d))?)?;
-                let out = y.dim(1)?;
-                y.reshape((b, l, out))
-            }
-            _ => self.0.forward(x),
+    /// `weight` `(rows, cols)` and `bias`, quantized in `scheme` if given.
+    fn new(weight: Tensor, bias: Option<Tensor>, scheme: Option<GgmlDType>) -> Result<Dense> {
+        match scheme {
+            None => Ok(Dense::Float(Linear::new(weight, bias))),
+            Some(scheme) => Ok(Dense::Quantized {
+                weight: QMatMul::from_arc(Arc::new(QTensor::quantize(&weight, scheme)?))?,
+                bias,
+            }),
         }
     }
 
-    fn weight(&self) -> &Tensor {
-        self.0.weight()
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match *x.dims() {
+            [b, l, d] => {
+                let y = self.forward_2d(&x.reshape((b * l, d))?)?;
+                let out = y.dim(1)?;
+                y.reshape((b, l, out))
+            }
+            _ => self.forward_2d(x),
+        }
     }
 
-    fn bias(&self) -> Option<&Tensor> {
-        self.0.bias()
+    fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Dense::Float(linear) => linear.forward(x),
+            Dense::Quantized { weight, bias } => {
+                let y = weight.forward(x)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
     }
 }
 
-fn linear(vb: &VarBuilder, rows: usize, cols: usize, bias: bool) -> Result<Dense> {
-    let w = vb.get((rows, cols), "weight")?;
+fn linear(vb: &Weights, rows: usize, cols: usize, bias: bool) -> Result<Dense> {
     let b = if bias {
         Some(vb.get(rows, "bias")?)
     } else {
         None
     };
-    Ok(Dense(Linear::new(w, b)))
+    match vb {
+        // Kept as stored: no dequantize and quantize again.
+        Weights::Gguf(q) if vb.scheme("weight")?.is_some() => Ok(Dense::Quantized {
+            weight: QMatMul::from_arc(q.get((rows, cols), "weight")?)?,
+            bias: b,
+        }),
+        _ => Dense::new(vb.get((rows, cols), "weight")?, b, None),
+    }
 }
 
-fn layer_norm(vb: &VarBuilder, size: usize) -> Result<LayerNorm> {
+/// A linear layer whose weight and bias are multiplied by `scale`.
+fn scaled_linear(vb: &Weights, rows: usize, cols: usize, scale: f64) -> Result<Dense> {
+    Dense::new(
+        (vb.get((rows, cols), "weight")? * scale)?,
+        Some((vb.get(rows, "bias")? * scale)?),
+        vb.scheme("weight")?,
+    )
+}
+
+fn layer_norm(vb: &Weights, size: usize) -> Result<LayerNorm> {
     Ok(LayerNorm::new(
         vb.get(size, "weight")?,
         vb.get(size, "bias")?,
@@ -63,16 +167,17 @@ fn layer_norm(vb: &VarBuilder, size: usize) -> Result<LayerNorm> {
 }
 
 /// The MLP's width, read off the first layer (Whisper's is `4 * d`).
-fn ffn_dim(stack: &VarBuilder, d: usize) -> usize {
+fn ffn_dim(stack: &Weights, d: usize) -> usize {
     stack
         .pp("layers.0.fc1")
-        .get_unchecked("weight")
-        .and_then(|w| w.dim(0))
+        .dims("weight")
+        .ok()
+        .and_then(|dims| dims.first().copied())
         .unwrap_or(4 * d)
 }
 
 /// q, k and v of one attention in a single matrix: `[q * s; k; v]`.
-fn fused_qkv(vb: &VarBuilder, d: usize, scale: f64) -> Result<Dense> {
+fn fused_qkv(vb: &Weights, d: usize, scale: f64) -> Result<Dense> {
     let q = vb.pp("q_proj");
     let (k, v) = (vb.pp("k_proj"), vb.pp("v_proj"));
     let w = Tensor::cat(
@@ -85,7 +190,7 @@ fn fused_qkv(vb: &VarBuilder, d: usize, scale: f64) -> Result<Dense> {
     )?;
     let zeros = Tensor::zeros(d, w.dtype(), w.device())?;
     let b = Tensor::cat(&[(q.get(d, "bias")? * scale)?, zeros, v.get(d, "bias")?], 0)?;
-    Ok(Dense(Linear::new(w, Some(b))))
+    Dense::new(w, Some(b), q.scheme("weight")?)
 }
 
 /// `(B, L, H*dh)` to `(B, H, L, dh)`, contiguous.
@@ -129,7 +234,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: &VarBuilder, d: usize, ffn: usize) -> Result<Self> {
+    fn load(vb: &Weights, d: usize, ffn: usize) -> Result<Self> {
         Ok(Mlp {
             ln: layer_norm(&vb.pp("final_layer_norm"), d)?,
             fc1: linear(&vb.pp("fc1"), ffn, d, true)?,
@@ -302,7 +407,7 @@ impl DecodeState {
 
 impl Net {
     /// Loads the published tensors (`model.encoder.*`, `model.decoder.*`).
-    pub fn load(vb: &VarBuilder, cfg: &Config) -> Result<Net> {
+    pub fn load(vb: &Weights, cfg: &Config) -> Result<Net> {
         let d = cfg.d_model;
         let enc_vb = vb.pp("model.encoder");
         let conv = |name: &str, cin: usize, stride: usize| -> Result<Conv1d> {
@@ -354,22 +459,20 @@ impl Net {
             kv_biases.push(Tensor::zeros(d, v_bias.dtype(), v_bias.device())?);
             kv_biases.push(v_bias);
         }
+        let kv_scheme = dec_vb.pp("layers.0.encoder_attn.k_proj").scheme("weight")?;
         let decoder = Decoder {
-            cross_kv: Dense(Linear::new(
+            cross_kv: Dense::new(
                 Tensor::cat(&kv_weights, 0)?,
                 Some(Tensor::cat(&kv_biases, 0)?),
-            )),
+                kv_scheme,
+            )?,
             embed: Embedding::new(dec_vb.get((cfg.vocab_size, d), "embed_tokens.weight")?)?,
             positions: dec_vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
             layers: (0..cfg.decoder_layers)
                 .map(|i| {
                     let l = dec_vb.pp(format!("layers.{i}"));
                     let c = l.pp("encoder_attn");
-                    let q = linear(&c.pp("q_proj"), d, d, true)?;
-                    let cross_q = Dense(Linear::new(
-                        (q.weight() * dec_scale)?,
-                        q.bias().map(|b| b * dec_scale).transpose()?,
-                    ));
+                    let cross_q = scaled_linear(&c.pp("q_proj"), d, d, dec_scale)?;
                     Ok(DecoderLayer {
                         self_ln: layer_norm(&l.pp("self_attn_layer_norm"), d)?,
                         self_qkv: fused_qkv(&l.pp("self_attn"), d, dec_scale)?,

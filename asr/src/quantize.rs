@@ -1,12 +1,11 @@
 //! GGUF quantization of Whisper weights, for the edge tier: the published
 //! `model.safetensors` becomes `model.gguf` with its matrices in q8_0 or
-//! q4_0 (blocks of 32), and candle's quantized Whisper loads it.
+//! q4_0 (blocks of 32), which [`crate::WhisperModel::load`] runs on the CPU.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device};
-use candle_transformers::models::whisper::quantized_model;
 
 use crate::whisper::{AsrError, load_config};
 
@@ -37,7 +36,8 @@ fn weights_err(path: &Path) -> impl Fn(candle_core::Error) -> AsrError + '_ {
 
 /// Writes `out/model.gguf` quantized from `src/model.safetensors`, and copies
 /// `config.json` and `tokenizer.json`. Matrices whose rows are a whole number
-/// of 32-value blocks are quantized; everything else stays f32.
+/// of 32-value blocks are quantized (the positional embeddings excepted);
+/// everything else stays f32.
 pub fn quantize_whisper(src: &Path, out: &Path, scheme: Scheme) -> Result<(), AsrError> {
     let io = |path: PathBuf| {
         move |e: std::io::Error| AsrError::Read {
@@ -57,7 +57,9 @@ pub fn quantize_whisper(src: &Path, out: &Path, scheme: Scheme) -> Result<(), As
         let t = tensors[name]
             .to_dtype(DType::F32)
             .map_err(weights_err(&weights))?;
-        let block_ok = t.rank() == 2 && t.dims()[1] % 32 == 0;
+        // Positional embeddings stay f32: they are small, added to every
+        // activation, and quantizing them cost words on real weights.
+        let block_ok = t.rank() == 2 && t.dims()[1] % 32 == 0 && !name.contains("embed_positions");
         let dtype = if block_ok {
             scheme.dtype()
         } else {
@@ -70,19 +72,20 @@ pub fn quantize_whisper(src: &Path, out: &Path, scheme: Scheme) -> Result<(), As
     let mut file = std::fs::File::create(&target).map_err(io(target.clone()))?;
     let refs: Vec<(&str, &QTensor)> = quantized.iter().map(|(n, q)| (*n, q)).collect();
     gguf_file::write(&mut file, &[], &refs).map_err(weights_err(&target))?;
-    for name in ["config.json", "tokenizer.json"] {
-        std::fs::copy(src.join(name), out.join(name)).map_err(io(src.join(name)))?;
+    for name in ["config.json", "tokenizer.json", "generation_config.json"] {
+        let from = src.join(name);
+        // generation_config.json is optional (config.json can carry its
+        // fields); the other two are checked above and by the copy.
+        if name == "generation_config.json" && !from.is_file() {
+            continue;
+        }
+        std::fs::copy(&from, out.join(name)).map_err(io(from.clone()))?;
     }
     Ok(())
 }
 
-/// Loads `dir/model.gguf` with candle's quantized Whisper, as the edge tier
-/// will.
+/// Loads `dir/model.gguf` as the edge tier does (earshot's network over
+/// the quantized matrices, the tokenizer and the configs).
 pub fn check_gguf_whisper(dir: &Path) -> Result<(), AsrError> {
-    let config = load_config(dir)?;
-    let path = dir.join(GGUF_FILE);
-    let vb = candle_transformers::quantized_var_builder::VarBuilder::from_gguf(&path, &Device::Cpu)
-        .map_err(weights_err(&path))?;
-    quantized_model::Whisper::load(&vb, config).map_err(weights_err(&path))?;
-    Ok(())
+    crate::WhisperModel::load(dir, crate::EncoderWindow::default()).map(drop)
 }

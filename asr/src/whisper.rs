@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::whisper::{self, Config};
+use candle_transformers::quantized_var_builder::VarBuilder as GgufVarBuilder;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::align::{self, Word};
 use crate::mel;
-use crate::net::{DecodeState, Net};
+use crate::net::{DecodeState, Net, Weights};
 
 /// Longest audio one call may transcribe: Whisper's window.
 pub const MAX_SECONDS: f64 = 30.0;
@@ -489,9 +490,17 @@ fn load_generation(dir: &Path, raw: &serde_json::Value) -> Result<GenerationConf
 impl WhisperModel {
     /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from
     /// `dir` onto [`inference_device`] (the CPU unless built with `cuda`
-    /// and a GPU is present).
+    /// and a GPU is present). A directory with `model.gguf` instead (the
+    /// edge tier, [`crate::quantize`]) loads its quantized weights on the
+    /// CPU.
     pub fn load(dir: &Path, window: EncoderWindow) -> Result<Self, AsrError> {
-        let device = inference_device();
+        let gguf = dir.join(crate::quantize::GGUF_FILE);
+        let quantized = gguf.is_file() && !dir.join("model.safetensors").is_file();
+        let device = if quantized {
+            Device::Cpu
+        } else {
+            inference_device()
+        };
         let dtype = inference_dtype(&device);
         let (raw, config) = read_config(dir)?;
         let generation = load_generation(dir, &raw)?;
@@ -532,7 +541,16 @@ impl WhisperModel {
         // OpenAI's rule: English-only checkpoints have one token fewer.
         let multilingual = config.vocab_size != 51_864 && !tokens.languages.is_empty();
 
-        let (weights, vb) = map_weights(dir, dtype, &device)?;
+        let (weights, vb) = if quantized {
+            let vb = GgufVarBuilder::from_gguf(&gguf, &device).map_err(|e| AsrError::Weights {
+                path: gguf.clone(),
+                reason: e.to_string(),
+            })?;
+            (gguf, Weights::Gguf(vb))
+        } else {
+            let (path, vb) = map_weights(dir, dtype, &device)?;
+            (path, Weights::Float(vb))
+        };
         let net = Net::load(&vb, &config).map_err(|e| AsrError::Weights {
             path: weights.clone(),
             reason: e.to_string(),

@@ -149,7 +149,7 @@ fn the_decoder_cache_gives_what_a_full_recompute_gives() {
     let weights = dir.path().join("model.safetensors");
     let tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
     let vb = VarBuilder::from_tensors(tensors, candle_core::DType::F32, &candle_core::Device::Cpu);
-    let net = earshot_asr::net::Net::load(&vb, &config).unwrap();
+    let net = earshot_asr::net::Net::load(&earshot_asr::net::Weights::Float(vb), &config).unwrap();
     let mel = Tensor::randn(0f32, 1.0, (1, 80, 200), &candle_core::Device::Cpu).unwrap();
     let features = net.encode(&mel).unwrap();
     let tokens: [u32; 5] = [7, 42, 3, 99, 15];

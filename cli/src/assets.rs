@@ -81,7 +81,8 @@ pub fn real_model(name: &str) -> anyhow::Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|_| project_root().join(".cache/models"));
     let dir = root.join(name);
-    if !dir.join("model.safetensors").is_file() {
+    let weights = ["model.safetensors", earshot_asr::quantize::GGUF_FILE];
+    if !weights.iter().any(|w| dir.join(w).is_file()) {
         bail!(
             "no Whisper model at {}: run `make setup` (it downloads and converts the real weights)",
             dir.display()

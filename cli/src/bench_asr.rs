@@ -240,3 +240,145 @@ pub fn batch(
     );
     Ok(())
 }
+
+/// Words of `reference` that an LCS alignment with `hypothesis` matches.
+fn matched_words(reference: &[String], hypothesis: &[String]) -> Vec<bool> {
+    let (n, m) = (reference.len(), hypothesis.len());
+    let mut lcs = vec![vec![0u16; m + 1]; n + 1];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            lcs[i][j] = if reference[i] == hypothesis[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let mut matched = vec![false; n];
+    let (mut i, mut j) = (0, 0);
+    while i < n && j < m {
+        if reference[i] == hypothesis[j] {
+            matched[i] = true;
+            i += 1;
+            j += 1;
+        } else if lcs[i + 1][j] >= lcs[i][j + 1] {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    matched
+}
+
+/// `earshot bench partials`: what live partials cost and how soon they show
+/// each word, for `model` (the edge tier: a GGUF or safetensors directory)
+/// with `window`, asked every `cadence_ms` of audio as a session asks them.
+///
+/// Each sentence of the audio set is played as one utterance in simulated
+/// real time: a partial is asked once `cadence_ms` of new audio exists and
+/// the previous partial is done (one in flight per session, as on the
+/// edge), and reads the audio so far; its compute time is measured. A
+/// word's time is when it ends, from `reference` (the regional f32 model
+/// with word timestamps on the whole sentence). A word's latency is from
+/// that end (the chunk that completes it) to the first partial whose text
+/// contains it (an LCS alignment of normalised words); words no partial
+/// shows before the audio ends are counted as left to the final.
+pub fn partials(
+    model: &Path,
+    reference: &Path,
+    out: &Path,
+    window: EncoderWindow,
+    cadence_ms: u32,
+) -> anyhow::Result<()> {
+    let items = audio_set(&out.join("audio"))?;
+    let whisper = WhisperModel::load(model, window)
+        .with_context(|| format!("loading {}", model.display()))?;
+    let oracle = WhisperModel::load(reference, EncoderWindow::default())
+        .with_context(|| format!("loading {}", reference.display()))?;
+    let cadence = f64::from(cadence_ms) / 1e3;
+    let (mut latencies, mut computes) = (Vec::new(), Vec::new());
+    let (mut words, mut left, mut audio_seconds, mut compute_seconds) = (0, 0, 0.0, 0.0);
+    let mut last_errors = earshot_asr::wer::WordErrors::default();
+    for (n, item) in items.iter().enumerate() {
+        let pcm: Vec<f32> = speech::read_wav(&item.wav)?
+            .iter()
+            .map(|&s| f32::from(s) / 32768.0)
+            .collect();
+        let seconds = pcm.len() as f64 / 16_000.0;
+        let utterance = earshot_asr::Utterance {
+            pcm: &pcm,
+            language: Some("en"),
+            translate: false,
+            timestamps: false,
+            words: true,
+        };
+        let (mut timed, _) = oracle.recognize_batch(&[utterance]);
+        let timed = timed.pop().context("no result")??.transcript;
+        // (normalised word, end in seconds) of the sentence.
+        let ends: Vec<(String, f64)> = timed
+            .words
+            .iter()
+            .flat_map(|w| {
+                earshot_asr::wer::normalize(&w.text)
+                    .into_iter()
+                    .map(move |t| (t, f64::from(w.end)))
+            })
+            .collect();
+        let reference: Vec<String> = ends.iter().map(|(w, _)| w.clone()).collect();
+        if n == 0 {
+            whisper.transcribe(&pcm, Some("en"))?;
+        }
+        let mut shown: Vec<Option<f64>> = vec![None; ends.len()];
+        let mut ask = cadence;
+        let mut last_text = String::new();
+        while ask <= seconds + 1e-9 {
+            let prefix = &pcm[..((ask * 16_000.0) as usize).min(pcm.len())];
+            let started = Instant::now();
+            let text = whisper.transcribe(prefix, Some("en"))?.text;
+            let took = started.elapsed().as_secs_f64();
+            computes.push(took * 1e3);
+            compute_seconds += took;
+            let answered = ask + took;
+            let found = matched_words(&reference, &earshot_asr::wer::normalize(&text));
+            for (i, hit) in found.into_iter().enumerate() {
+                if hit && shown[i].is_none() {
+                    shown[i] = Some(answered);
+                }
+            }
+            last_text = text;
+            // The next ask: a cadence of new audio, and this one done;
+            // sessions ask at their next 20 ms chunk.
+            let next = (ask + cadence).max(answered);
+            ask = (next / 0.02).ceil() * 0.02;
+        }
+        last_errors.add(&item.text, &last_text);
+        audio_seconds += seconds;
+        for ((_, end), at) in ends.iter().zip(&shown) {
+            words += 1;
+            match at {
+                Some(at) => latencies.push(((at - end).max(0.0)) * 1e3),
+                None => left += 1,
+            }
+        }
+    }
+    let lat = crate::bench::summarize(&latencies);
+    let cost = crate::bench::summarize(&computes);
+    let name = model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    println!(
+        "| model | window | cadence | words shown by a partial | word → partial p50 | p99 | compute per partial p50 | p99 | CPU s per audio s | last partial WER |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| {name} | {window} | {cadence_ms} ms | {} of {words} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.2} | {last_errors} |",
+        words - left,
+        lat.median,
+        lat.p99,
+        cost.median,
+        cost.p99,
+        compute_seconds / audio_seconds,
+    );
+    Ok(())
+}

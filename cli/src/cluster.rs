@@ -36,6 +36,22 @@ pub struct EdgePlan {
     pub extra: &'static str,
 }
 
+impl EdgePlan {
+    /// An edge with no extra configuration.
+    pub const fn new(
+        name: &'static str,
+        jurisdiction: &'static str,
+        regions: &'static [&'static str],
+    ) -> Self {
+        EdgePlan {
+            name,
+            jurisdiction,
+            regions,
+            extra: "",
+        }
+    }
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// Nodes running as their own processes (the built binaries), by name.

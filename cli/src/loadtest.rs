@@ -404,7 +404,9 @@ async fn run_session(
                 }
             }
             ServerMessage::Closing(c) => accepted = Some(c.audio_accepted),
-            ServerMessage::Translation(_) | ServerMessage::SpeechStarted(_) => {}
+            ServerMessage::Translation(_)
+            | ServerMessage::SpeechStarted(_)
+            | ServerMessage::Partial(_) => {}
         }
     }
     let mut part = LoadResult {

@@ -238,6 +238,24 @@ enum BenchCmd {
         #[arg(long, default_value = "10s")]
         window: earshot_asr::EncoderWindow,
     },
+    /// Live partials on the edge tier's model: how soon a partial shows each
+    /// word and what a partial costs (docs/benchmarks.md).
+    Partials {
+        /// The partials model (default: .cache/models/whisper-tiny.en-q8_0).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The model whose word timestamps say when each word ends
+        /// (default: .cache/models/whisper-tiny.en).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        #[arg(long, default_value = ".cache/bench-asr")]
+        out: PathBuf,
+        #[arg(long, default_value = "10s")]
+        window: earshot_asr::EncoderWindow,
+        /// Audio between two partials of one utterance.
+        #[arg(long, default_value_t = 400)]
+        cadence_ms: u32,
+    },
     /// What one edge costs: real-time streams it sustains (`--streams`),
     /// or memory per idle connection (`--idle`). Runs the built
     /// earshot-edge as its own process: use a release build.
@@ -493,6 +511,26 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
                 None => assets::real_model("whisper-tiny.en")?,
             };
             earshot_cli::bench_asr::batch(&model, &out, &concurrency, &batch, window)
+        }
+        Cmd::Bench {
+            command:
+                BenchCmd::Partials {
+                    model,
+                    reference,
+                    out,
+                    window,
+                    cadence_ms,
+                },
+        } => {
+            let model = match model {
+                Some(m) => m,
+                None => assets::real_model("whisper-tiny.en-q8_0")?,
+            };
+            let reference = match reference {
+                Some(m) => m,
+                None => assets::real_model("whisper-tiny.en")?,
+            };
+            earshot_cli::bench_asr::partials(&model, &reference, &out, window, cadence_ms)
         }
         Cmd::Bench {
             command:

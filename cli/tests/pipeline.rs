@@ -12,7 +12,7 @@ use earshot_asr::{EncoderWindow, WhisperModel};
 use earshot_cli::client::{self, StreamOptions, Transcript};
 use earshot_cli::cluster::Cluster;
 use earshot_cli::speech::{self, Speech};
-use earshot_common::client::{ClientErrorCode, ServerMessage, hex};
+use earshot_common::client::{ClientErrorCode, FinalMessage, ServerMessage, hex};
 use futures::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use support::{EdgePlan, RegionPlan, metric};
@@ -915,18 +915,8 @@ async fn every_final_carries_a_receipt_that_earshot_verify_checks() {
             },
         ],
         &[
-            EdgePlan {
-                name: "edge-fra",
-                jurisdiction: "eu",
-                regions: &["eu-west"],
-                extra: "",
-            },
-            EdgePlan {
-                name: "edge-iad",
-                jurisdiction: "us",
-                regions: &["us-east"],
-                extra: "",
-            },
+            EdgePlan::new("edge-fra", "eu", &["eu-west"]),
+            EdgePlan::new("edge-iad", "us", &["us-east"]),
         ],
     )
     .await;
@@ -1130,5 +1120,214 @@ async fn a_client_waiting_for_its_finals_is_not_idle() {
         .rposition(|m| matches!(m, ServerMessage::Final(_)))
         .unwrap();
     assert!(last_final < idle, "{messages:#?}");
+    cluster.stop().await.unwrap();
+}
+
+/// Live partials from the edge's own quantized tiny.en (GGUF q8_0), with the
+/// final from the region's f32 model: while each sentence is spoken in real
+/// time, partials carrying its words arrive before its final, and none of an
+/// utterance arrives after its final. `partials=false` turns them off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partials_from_the_edge_model_show_words_before_the_final() {
+    let model_dir = earshot_cli::assets::real_model("whisper-tiny.en").unwrap();
+    let q8 = earshot_cli::assets::real_model("whisper-tiny.en-q8_0").unwrap();
+    let extra: &'static str =
+        Box::leak(format!("[partials]\nmodel = {q8:?}\ncadence_ms = 400\n").into_boxed_str());
+    let cluster = Cluster::single(&model_dir, extra).await.unwrap();
+    let speech = speech::synthesize(&SENTENCES[..2], 1.0, 0.8, cluster.dir.path()).unwrap();
+    let url = cluster.listen_url("edge-fra", "?language=en");
+    let live = StreamOptions {
+        chunk_bytes: 3_200,
+        pace: Some(Duration::from_millis(100)),
+    };
+    let transcript = tokio::time::timeout(
+        Duration::from_secs(120),
+        client::stream(&url, &speech.pcm_bytes(), live, |_| {}),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let messages = &transcript.messages;
+    let ServerMessage::Session(info) = &messages[0] else {
+        panic!("{:?}", messages[0]);
+    };
+    assert!(info.partials);
+    assert!(transcript.errors().is_empty(), "{:?}", transcript.errors());
+    let finals = transcript.finals();
+    assert_eq!(finals.len(), 2, "{messages:#?}");
+    for (f, sentence) in finals.iter().zip(SENTENCES) {
+        let final_at = messages
+            .iter()
+            .position(|m| matches!(m, ServerMessage::Final(x) if x.utterance == f.utterance))
+            .unwrap();
+        let spoken = earshot_asr::wer::normalize(sentence);
+        let mut best = 0;
+        for (i, m) in messages.iter().enumerate() {
+            let ServerMessage::Partial(p) = m else {
+                continue;
+            };
+            if p.utterance != f.utterance {
+                continue;
+            }
+            assert!(i < final_at, "a partial after its final: {messages:#?}");
+            let words = earshot_asr::wer::normalize(&p.text);
+            best = best.max(words.iter().filter(|w| spoken.contains(w)).count());
+        }
+        assert!(
+            best >= 2,
+            "no partial of utterance {} carried two words of {sentence:?} before its final: {messages:#?}",
+            f.utterance
+        );
+    }
+    let port = cluster.edge_ports["edge-fra"];
+    let metrics = cluster.metrics(port).await.unwrap();
+    assert!(earshot_cli::cluster::metric(&metrics, "earshot_edge_partials_total").unwrap() >= 2.0);
+
+    // Off for a session that asks so: no partials at all.
+    let url = cluster.listen_url("edge-fra", "?language=en&partials=false");
+    let quiet = stream(&url, &speech).await;
+    let ServerMessage::Session(info) = &quiet.messages[0] else {
+        panic!("{:?}", quiet.messages[0]);
+    };
+    assert!(!info.partials);
+    assert_eq!(quiet.finals().len(), 2);
+    assert!(
+        !quiet
+            .messages
+            .iter()
+            .any(|m| matches!(m, ServerMessage::Partial(_))),
+        "{:?}",
+        quiet.messages
+    );
+    cluster.stop().await.unwrap();
+}
+
+/// The finals among `messages`, by utterance number, each once (a second
+/// final for a number fails the test).
+fn finals_once(messages: &[ServerMessage]) -> std::collections::BTreeMap<u32, FinalMessage> {
+    let mut out = std::collections::BTreeMap::new();
+    for m in messages {
+        if let ServerMessage::Final(f) = m {
+            assert!(
+                out.insert(f.utterance, f.clone()).is_none(),
+                "utterance {} answered twice: {messages:#?}",
+                f.utterance
+            );
+        }
+    }
+    out
+}
+
+/// Opens a session at `url` and reads it to the end after a `close`.
+async fn resume(url: &str) -> Vec<ServerMessage> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    // The replayed finals come before anything new is read.
+    ws.send(Message::Text(r#"{"type":"close"}"#.into()))
+        .await
+        .unwrap();
+    read_until_close(&mut ws, Duration::from_secs(60)).await
+}
+
+/// A client whose connection drops (no close frame) resumes with
+/// `session` and `last`: on the same edge it gets the finals after `last`,
+/// on another edge of the jurisdiction all of them, each exactly once, the
+/// same finals (text, audio hash, place in the session) both times; a
+/// resume after the last final gets none and numbers new utterances after
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_session_resumes_on_its_edge_and_another_with_each_final_once() {
+    let edges = [
+        EdgePlan::new("edge-fra", "eu", &["eu-west"]),
+        EdgePlan::new("edge-ams", "eu", &["eu-west"]),
+    ];
+    let cluster = support::start(
+        &[RegionPlan {
+            name: "eu-west",
+            jurisdiction: "eu",
+            workers: 1,
+            extra: "",
+        }],
+        &edges,
+    )
+    .await;
+    let speech = speak(cluster.dir.path());
+    let (mut ws, _) = tokio_tungstenite::connect_async(cluster.listen_url("edge-fra", ""))
+        .await
+        .unwrap();
+    let Some(Ok(Message::Text(first))) = ws.next().await else {
+        panic!("no session message");
+    };
+    let ServerMessage::Session(info) = serde_json::from_str(&first).unwrap() else {
+        panic!("{first}");
+    };
+    for chunk in speech.pcm_bytes().chunks(3200) {
+        ws.send(Message::Binary(chunk.to_vec().into()))
+            .await
+            .unwrap();
+    }
+    // The first final, then the connection drops with the rest in flight
+    // (and the last utterance perhaps not yet cut).
+    let first_final = loop {
+        let Some(Ok(Message::Text(t))) = ws.next().await else {
+            panic!("the session ended before a final");
+        };
+        if let ServerMessage::Final(f) = serde_json::from_str(&t).unwrap() {
+            break f;
+        }
+    };
+    assert_eq!(first_final.utterance, 1);
+    drop(ws);
+
+    let query = |last: u32| format!("?session={}&last={last}", info.session);
+    let here = resume(&cluster.listen_url("edge-fra", &query(1))).await;
+    let ServerMessage::Session(resumed) = &here[0] else {
+        panic!("{here:#?}");
+    };
+    assert_eq!(
+        (resumed.session.as_str(), resumed.resumed_after),
+        (info.session.as_str(), Some(1))
+    );
+    let got_here = finals_once(&here);
+    assert_eq!(
+        got_here.keys().copied().collect::<Vec<_>>(),
+        [2, 3],
+        "{here:#?}"
+    );
+    assert!(error_codes(&here).is_empty(), "{here:#?}");
+
+    // Another edge of the jurisdiction: every final, the same ones.
+    let there = resume(&cluster.listen_url("edge-ams", &query(0))).await;
+    let got_there = finals_once(&there);
+    assert_eq!(
+        got_there.keys().copied().collect::<Vec<_>>(),
+        [1, 2, 3],
+        "{there:#?}"
+    );
+    let same = |a: &FinalMessage, b: &FinalMessage| {
+        (a.text == b.text && a.audio_sha256 == b.audio_sha256)
+            && (a.start - b.start).abs() < 1e-9
+            && (a.end - b.end).abs() < 1e-9
+    };
+    assert!(same(&got_there[&1], &first_final), "{there:#?}");
+    for n in [2, 3] {
+        assert!(same(&got_there[&n], &got_here[&n]), "{there:#?}");
+        assert_eq!(
+            got_there[&n].receipt.as_ref().unwrap().claims.edge,
+            "edge-ams"
+        );
+    }
+
+    // Resumed after the last: nothing replayed, new speech is utterance 4.
+    let url = cluster.listen_url("edge-ams", &query(3));
+    let after = stream(&url, &speech).await;
+    let numbers: Vec<u32> = after.finals().iter().map(|f| f.utterance).collect();
+    assert_eq!(numbers.first(), Some(&4), "{:#?}", after.messages);
+    let port = cluster.edge_ports["edge-ams"];
+    let metrics = cluster.metrics(port).await.unwrap();
+    assert_eq!(metric(&metrics, "earshot_edge_resumes_total"), Some(2.0));
+    assert_eq!(
+        metric(&metrics, "earshot_edge_resumed_finals_total"),
+        Some(3.0)
+    );
     cluster.stop().await.unwrap();
 }

@@ -112,6 +112,8 @@ fn header(jurisdiction: &str, edge: &str) -> Header {
         translate: String::new(),
         timestamps: false,
         words: false,
+        resume: false,
+        span: None,
         sample_rate: 16_000,
     }
 }

@@ -413,6 +413,8 @@ regions = ["us-east"]
             translate: String::new(),
             timestamps: false,
             words: false,
+            resume: false,
+            span: None,
             sample_rate: wire::SAMPLE_RATE,
         }
     }
@@ -432,6 +434,7 @@ regions = ["us-east"]
             segments: Vec::new(),
             words: Vec::new(),
             model_sha256: Some([4; 32]),
+            span: None,
             receipt: None,
         }
     }

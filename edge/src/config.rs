@@ -35,6 +35,10 @@ pub struct EdgeConfig {
     pub uplink: UplinkConfig,
     #[serde(default)]
     pub translation: TranslationConfig,
+    /// Live partial transcripts from a small model on this edge; absent:
+    /// sessions get no `partial` messages.
+    #[serde(default)]
+    pub partials: Option<crate::partials::PartialsConfig>,
     /// Log transcript text (never set in production).
     #[serde(default)]
     pub debug_content: bool,
@@ -251,6 +255,11 @@ impl EdgeConfig {
                 *p = base.join(&*p);
             }
         }
+        if let Some(partials) = &mut self.partials
+            && partials.model.is_relative()
+        {
+            partials.model = base.join(&partials.model);
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -303,6 +312,9 @@ impl EdgeConfig {
                     "translation.targets: {target:?} is not a language code (two or three lowercase letters, e.g. \"de\")"
                 ));
             }
+        }
+        if let Some(partials) = &self.partials {
+            partials.validate().map_err(ConfigError::Invalid)?;
         }
         let l = &self.limits;
         if l.max_file_bytes < 1024 || l.max_file_bytes > 1 << 30 {

@@ -482,6 +482,8 @@ async fn transcribe(
             },
             timestamps: form.segments,
             words: form.words,
+            resume: false,
+            span: None,
             sample_rate: wire::SAMPLE_RATE,
         };
         let uplink = edge.uplink.clone();

@@ -13,6 +13,7 @@ pub mod config;
 pub mod endpoint;
 pub mod files;
 pub mod metrics;
+pub mod partials;
 pub mod resample;
 pub mod session;
 pub mod uplink;
@@ -56,6 +57,8 @@ pub enum StartError {
     Tls(#[from] earshot_common::tls::TlsError),
     #[error(transparent)]
     Vad(#[from] vad::VadError),
+    #[error("partials model: {0} (fix or remove [partials] model)")]
+    Partials(#[from] earshot_asr::AsrError),
     #[error("cannot open the QUIC uplink socket on {addr}: {source}")]
     Uplink {
         addr: std::net::SocketAddr,
@@ -80,6 +83,8 @@ pub struct EdgeInner {
     pub regions: Vec<String>,
     pub config: EdgeConfig,
     pub vad: Arc<Silero>,
+    /// The small model live partials come from, if configured.
+    pub partials: Option<partials::Partials>,
     pub uplink: Arc<Uplink>,
     pub metrics: Arc<Metrics>,
     pub sessions: Arc<Semaphore>,
@@ -87,6 +92,9 @@ pub struct EdgeInner {
     /// reaches the client.
     pub receipts: ReceiptVerifier,
     pub shutdown: CancellationToken,
+    /// Sessions of this edge not yet ended (their client may be gone while
+    /// their utterances finish), so that a resume here waits for them.
+    pub live: session::LiveSessions,
     tracker: TaskTracker,
 }
 
@@ -166,6 +174,11 @@ impl Edge {
             config.limits.max_sessions,
             metrics.vad(),
         )?;
+        let partials = config
+            .partials
+            .as_ref()
+            .map(|p| partials::Partials::start(p, metrics.clone()))
+            .transpose()?;
         Ok(Edge {
             inner: Arc::new(EdgeInner {
                 name: edge.name.clone(),
@@ -175,9 +188,11 @@ impl Edge {
                 receipts,
                 config,
                 vad: Arc::new(vad),
+                partials,
                 uplink: Arc::new(uplink),
                 metrics,
                 shutdown,
+                live: session::LiveSessions::default(),
                 tracker: TaskTracker::new(),
             }),
         })

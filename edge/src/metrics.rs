@@ -63,6 +63,12 @@ pub struct Metrics {
     pub vad_windows: Counter,
     pub frame_seconds: Histogram,
     pub files: Family<ReasonLabel, Counter>,
+    pub resumes: Counter,
+    pub resumed_finals: Counter,
+    pub partials: Counter,
+    pub partials_skipped: Family<ReasonLabel, Counter>,
+    pub partial_compute_seconds: Histogram,
+    pub partial_model_loads: Family<ReasonLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -96,6 +102,13 @@ impl Metrics {
             // 0.5 ms .. ~1.3 s in steps of 25%
             frame_seconds: Histogram::new(exponential_buckets(0.0005, 1.25, 36)),
             files: Family::default(),
+            resumes: Counter::default(),
+            resumed_finals: Counter::default(),
+            partials: Counter::default(),
+            partials_skipped: Family::default(),
+            // 10 ms .. ~10 s
+            partial_compute_seconds: Histogram::new(exponential_buckets(0.01, 1.6, 16)),
+            partial_model_loads: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -126,7 +139,7 @@ impl Metrics {
         );
         registry.register(
             "uplink_attempts",
-            "Attempts to have a region transcribe an utterance, by region and outcome (ok, refused, busy, retryable, transport, timeout, corrupted, skipped: breaker open)",
+            "Attempts to have a region transcribe an utterance (or return a resumed session's), by region and outcome (ok, not_found, refused, busy, retryable, transport, timeout, corrupted, skipped: breaker open)",
             m.uplink_attempts.clone(),
         );
         registry.register(
@@ -189,12 +202,43 @@ impl Metrics {
             "Files sent to /v1/audio/transcriptions or /translations, by outcome (ok, bad_file: refused as not readable audio, error: no region could answer or the edge failed)",
             m.files.clone(),
         );
+        registry.register(
+            "resumes",
+            "Sessions resumed (session= and last= on the upgrade)",
+            m.resumes.clone(),
+        );
+        registry.register(
+            "resumed_finals",
+            "Finals a resumed session was sent from what the regions held",
+            m.resumed_finals.clone(),
+        );
+        registry.register(
+            "partials",
+            "Partial transcripts sent to clients",
+            m.partials.clone(),
+        );
+        registry.register(
+            "partials_skipped",
+            "Partials not sent, by reason (busy: every partials thread was busy; stale: the utterance's final went first; failed: the model failed on the audio)",
+            m.partials_skipped.clone(),
+        );
+        registry.register(
+            "partial_compute_seconds",
+            "Time one partial took on a partials thread",
+            m.partial_compute_seconds.clone(),
+        );
+        registry.register(
+            "partial_model_loads",
+            "Partials model versions swapped in after the sync agent moved the channel, by outcome (loaded, failed: the old one kept serving)",
+            m.partial_model_loads.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Outcomes of `uplink_attempts`.
-    pub const ATTEMPT_OUTCOMES: [&'static str; 8] = [
+    pub const ATTEMPT_OUTCOMES: [&'static str; 9] = [
         "ok",
+        "not_found",
         "refused",
         "busy",
         "retryable",
@@ -217,6 +261,14 @@ impl Metrics {
         }
         for reason in ["ok", "bad_file", "error"] {
             let _ = self.files.get_or_create(&ReasonLabel { reason });
+        }
+        for reason in ["busy", "stale", "failed"] {
+            let _ = self.partials_skipped.get_or_create(&ReasonLabel { reason });
+        }
+        for reason in ["loaded", "failed"] {
+            let _ = self
+                .partial_model_loads
+                .get_or_create(&ReasonLabel { reason });
         }
         let none = ["none".to_owned()];
         for region in regions.iter().chain(&none) {

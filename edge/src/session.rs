@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::EdgeInner;
@@ -32,7 +33,7 @@ use crate::clock::{Expiry, SessionClock};
 use crate::endpoint::{Endpointer, Segment};
 use crate::metrics::{CodeLabel, ReceiptLabel, RegionLabel, RegionOutcome};
 use crate::resample::{RATES, ToMono16k};
-use crate::uplink::{Answer, UplinkError};
+use crate::uplink::{Answer, Fetched, UplinkError};
 use crate::vad::{VadStream, WINDOW};
 
 /// WebSocket close codes used by the edge.
@@ -61,13 +62,18 @@ pub struct ListenParams {
     pub timestamps: bool,
     /// Finals carry each word with its times (`words=true`).
     pub words: bool,
+    /// `partial` messages while an utterance is open (`partials=false`
+    /// turns them off); only where the edge has a partials model.
+    pub partials: bool,
+    /// Resume this session (`session=<id>`) after utterance `last`
+    /// (`last=<n>`, default 0: every final the regions hold).
+    pub resume: Option<(uuid::Uuid, u32)>,
 }
 
 /// A refusal before the session starts: code, message, close code.
 type Refusal = (ClientErrorCode, String, u16);
 
-const KNOWN_PARAMS: &str =
-    "sample_rate, encoding, channels, language, translate, timestamps, words";
+const KNOWN_PARAMS: &str = "sample_rate, encoding, channels, language, translate, timestamps, words, partials, session, last";
 
 /// `true` or `false`, else the query's refusal naming `param`.
 fn boolean(param: &str, value: &str) -> Result<bool, Refusal> {
@@ -110,7 +116,10 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
         translate: None,
         timestamps: false,
         words: false,
+        partials: true,
+        resume: None,
     };
+    let (mut session, mut last) = (None, None);
     for (key, value) in query {
         match key.as_str() {
             "sample_rate" => {
@@ -172,6 +181,31 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
             "translate" => params.translate = Some(language_code("translate", value, "")?),
             "timestamps" => params.timestamps = boolean("timestamps", value)?,
             "words" => params.words = boolean("words", value)?,
+            "partials" => params.partials = boolean("partials", value)?,
+            "session" => {
+                session = Some(uuid::Uuid::parse_str(value).map_err(|_| {
+                    (
+                        ClientErrorCode::InvalidQuery,
+                        format!(
+                            "session {:?} is not a session id: give the `session` of the session message you got",
+                            truncate(value)
+                        ),
+                        close::POLICY,
+                    )
+                })?);
+            }
+            "last" => {
+                last = Some(value.parse::<u32>().map_err(|_| {
+                    (
+                        ClientErrorCode::InvalidQuery,
+                        format!(
+                            "last {:?} must be the number of the last utterance whose final you got (0 for none)",
+                            truncate(value)
+                        ),
+                        close::POLICY,
+                    )
+                })?);
+            }
             "language" => params.language = Some(language_code("language", value, ", or auto")?),
             other => {
                 return Err((
@@ -185,12 +219,104 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
             }
         }
     }
+    params.resume = match (session, last) {
+        (Some(id), last) => Some((id, last.unwrap_or(0))),
+        (None, Some(_)) => {
+            return Err((
+                ClientErrorCode::InvalidQuery,
+                "last needs session: resume with session=<id>&last=<n>".into(),
+                close::POLICY,
+            ));
+        }
+        (None, None) => None,
+    };
     Ok(params)
+}
+
+/// Sessions of one edge that have not ended yet, by id. A session whose
+/// client is gone stays here until its utterances are finished, so that a
+/// resume on this edge fetches their finals only after they exist.
+#[derive(Debug, Default)]
+pub struct LiveSessions(std::sync::Mutex<std::collections::HashMap<uuid::Uuid, Live>>);
+
+#[derive(Debug, Clone)]
+struct Live {
+    /// Closed when the session ends.
+    ended: tokio::sync::watch::Receiver<()>,
+    /// Cancelled when a resume takes the session over: the old connection
+    /// stops reading (its client reconnected; the edge may not have seen
+    /// the old connection drop yet) and finishes its utterances.
+    takeover: CancellationToken,
+}
+
+/// A session's place in [`LiveSessions`]; removed when dropped.
+struct LiveGuard {
+    edge: Arc<EdgeInner>,
+    id: uuid::Uuid,
+    ended: tokio::sync::watch::Sender<()>,
+    takeover: CancellationToken,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        let mut map = self.edge.live.lock();
+        if map
+            .get(&self.id)
+            .is_some_and(|l| l.ended.same_channel(&self.ended.subscribe()))
+        {
+            map.remove(&self.id);
+        }
+    }
+}
+
+impl LiveSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, Live>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Takes over an earlier connection of session `id` on this edge, if any
+/// (it stops reading), and waits (up to `wait`) for it to finish its
+/// utterances; then enters the session as live.
+async fn enter(edge: &Arc<EdgeInner>, id: uuid::Uuid, resuming: bool, wait: Duration) -> LiveGuard {
+    let earlier = if resuming {
+        edge.live.lock().get(&id).cloned()
+    } else {
+        None
+    };
+    if let Some(mut earlier) = earlier {
+        earlier.takeover.cancel();
+        // `changed` fails once the earlier connection's guard is dropped.
+        let _ = tokio::time::timeout(wait, async {
+            while earlier.ended.changed().await.is_ok() {}
+        })
+        .await;
+    }
+    let (ended, rx) = tokio::sync::watch::channel(());
+    let takeover = CancellationToken::new();
+    edge.live.lock().insert(
+        id,
+        Live {
+            ended: rx,
+            takeover: takeover.clone(),
+        },
+    );
+    LiveGuard {
+        edge: edge.clone(),
+        id,
+        ended,
+        takeover,
+    }
 }
 
 fn truncate(s: &str) -> String {
     s.chars().take(32).collect()
 }
+
+/// Numbers in a row no region holds after which a resume stops looking.
+const RESUME_GAP: usize = 2;
 
 /// What an utterance task returns.
 struct Outcome {
@@ -225,7 +351,41 @@ struct Session {
     clock: SessionClock,
     /// The utterance whose `speech_started` was sent last (0: none).
     announced: u32,
+    /// The last utterance whose final (or error) was sent (0: none).
+    delivered: u32,
+    /// The partial in flight, if any (at most one per session).
+    partial: Option<PartialAsk>,
+    /// The utterance partials were last asked for, and the audio clock at
+    /// that ask (the next is due a cadence later).
+    partial_utterance: u32,
+    partial_at: u64,
+    /// This session among the edge's live ones.
+    live: LiveGuard,
     _permit: OwnedSemaphorePermit,
+}
+
+/// A partial asked of the edge's partials threads.
+struct PartialAsk {
+    utterance: u32,
+    /// Seconds of the utterance's audio it reads.
+    audio: f64,
+    answer: crate::partials::Answer,
+}
+
+/// The next answer of the partial in flight (pending forever without one;
+/// the select guards on it).
+async fn partial_answer(
+    ask: &mut Option<PartialAsk>,
+) -> (u32, f64, Result<crate::partials::Reading, String>) {
+    match ask {
+        Some(a) => {
+            let result = (&mut a.answer)
+                .await
+                .unwrap_or_else(|_| Err("the partials thread went away".into()));
+            (a.utterance, a.audio, result)
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Runs one session to completion. `permit` is its place under the edge's
@@ -255,8 +415,11 @@ pub async fn run(
             return;
         }
     };
-    let id = uuid::Uuid::new_v4();
-    let span = tracing::info_span!("session", session = %id, edge = %edge.name);
+    let resuming = params.resume.is_some();
+    let id = params.resume.map_or_else(uuid::Uuid::new_v4, |(id, _)| id);
+    let wait = Duration::from_millis(edge.config.limits.drain_timeout_ms);
+    let live = enter(&edge, id, resuming, wait).await;
+    let span = tracing::info_span!("session", session = %id, edge = %edge.name, resumed = resuming);
     let limits = &edge.config.limits;
     let clock = SessionClock::new(
         Instant::now(),
@@ -279,6 +442,11 @@ pub async fn run(
         converter,
         clock,
         announced: 0,
+        delivered: 0,
+        partial: None,
+        partial_utterance: 0,
+        partial_at: 0,
+        live,
         _permit: permit,
     };
     edge.metrics.sessions.inc();
@@ -337,7 +505,13 @@ impl Session {
             channels: self.params.channels,
             language: self.params.language.clone(),
             translate: self.params.translate.clone(),
+            partials: self.partials_on(),
+            resumed_after: self.params.resume.map(|(_, last)| last),
         })
+    }
+
+    fn partials_on(&self) -> bool {
+        self.params.partials && self.edge.partials.is_some()
     }
 
     /// Takes `target` as the session's translation target if the edge
@@ -419,6 +593,12 @@ impl Session {
                 return;
             }
         }
+        if let Some((_, last)) = self.params.resume
+            && self.replay(&mut socket, last).await.is_err()
+        {
+            self.left().await;
+            return;
+        }
 
         let max_pending = edge.config.limits.max_pending_utterances;
         let end = loop {
@@ -443,6 +623,16 @@ impl Session {
                 }
                 _ = edge.shutdown.cancelled() => {
                     break End::Close(close::GOING_AWAY, "edge shutting down", Some("shutting_down"));
+                }
+                _ = self.live.takeover.cancelled() => {
+                    tracing::info!("a resume took the session over; this connection stops");
+                    break End::Gone;
+                }
+                (utterance, audio, result) = partial_answer(&mut self.partial), if self.partial.is_some() => {
+                    self.partial = None;
+                    if self.on_partial(&mut socket, utterance, audio, result).await.is_err() {
+                        break End::Gone;
+                    }
                 }
                 msg = socket.recv(), if can_read => {
                     match msg {
@@ -498,15 +688,7 @@ impl Session {
         };
 
         match end {
-            End::Gone => {
-                let abandoned = self.inflight.len() as u64;
-                if abandoned > 0 {
-                    edge.metrics.utterances_abandoned.inc_by(abandoned);
-                    tracing::info!(abandoned, "client left with utterances pending");
-                }
-                // Dropping the handles leaves the tasks running to completion
-                // (the region still answers); their results have no reader.
-            }
+            End::Gone => self.left().await,
             End::Close(code, reason, closing) => {
                 // Nothing accepted is lost: cut what is left, say how much
                 // was read (when the edge is the one closing), deliver every
@@ -545,6 +727,119 @@ impl Session {
                 tracing::info!(reason, "session closed");
             }
         }
+    }
+
+    /// The client is gone (it may resume): the utterance in progress is cut
+    /// and every pending one finished at its region (bounded by the
+    /// drain), so a resume finds their finals there.
+    async fn left(&mut self) {
+        self.finalize();
+        let abandoned = self.inflight.len() as u64;
+        if abandoned == 0 {
+            return;
+        }
+        self.edge.metrics.utterances_abandoned.inc_by(abandoned);
+        tracing::info!(
+            abandoned,
+            "client left with utterances pending; finishing them for a resume"
+        );
+        let drain = Duration::from_millis(self.edge.config.limits.drain_timeout_ms);
+        let _ = tokio::time::timeout(drain, async {
+            while self.inflight.next().await.is_some() {}
+        })
+        .await;
+    }
+
+    /// Sends the finals after utterance `last` that the permitted regions
+    /// hold for this session, in order, each once; new utterances are
+    /// numbered after the last one found. A number no region holds, with a
+    /// later one found, was lost before it reached a region (the old
+    /// connection dropped while it was being sent): it gets
+    /// `utterance_failed`. After [`RESUME_GAP`] numbers in a row that no
+    /// region holds, there are no more.
+    async fn replay(&mut self, socket: &mut WebSocket, last: u32) -> Result<(), axum::Error> {
+        let started = Instant::now();
+        let (mut n, mut highest) = (last, last);
+        let mut missing: Vec<u32> = Vec::new();
+        let mut unreachable: Vec<crate::uplink::Attempt> = Vec::new();
+        let mut replayed = 0u64;
+        self.edge.metrics.resumes.inc();
+        while missing.len() <= RESUME_GAP {
+            n = n.saturating_add(1);
+            let header = Header {
+                session: *self.id.as_bytes(),
+                utterance: n,
+                jurisdiction: self.edge.jurisdiction.clone(),
+                edge: self.edge.name.clone(),
+                language: String::new(),
+                translate: String::new(),
+                timestamps: self.params.timestamps,
+                words: self.params.words,
+                resume: true,
+                span: None,
+                sample_rate: wire::SAMPLE_RATE,
+            };
+            let asked = Instant::now();
+            match self.edge.uplink.fetch(&header).await {
+                Ok(Fetched::Found(answer)) => {
+                    for lost in missing.drain(..) {
+                        let mut msg = ErrorMessage::new(
+                            ClientErrorCode::UtteranceFailed,
+                            "this utterance did not reach a region before the connection dropped: send its audio again",
+                            false,
+                        );
+                        msg.utterance = Some(lost);
+                        self.send_counted(socket, msg).await?;
+                    }
+                    let (start, end) = answer.fin.span.unwrap_or((0, 0));
+                    let segment = Segment {
+                        start: u64::from(start) * 16,
+                        end: u64::from(end) * 16,
+                        forced: false,
+                    };
+                    let outcome = Outcome {
+                        number: n,
+                        segment,
+                        latency: asked.elapsed(),
+                        result: Ok(*answer),
+                    };
+                    self.deliver(socket, Ok(outcome)).await?;
+                    highest = n;
+                    replayed += 1;
+                }
+                Ok(Fetched::NotFound) => missing.push(n),
+                Ok(Fetched::Unreachable(attempts)) => {
+                    missing.push(n);
+                    unreachable = attempts;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot ask the regions for a resumed final");
+                    break;
+                }
+            }
+        }
+        self.edge.metrics.resumed_finals.inc_by(replayed);
+        self.next_utterance = highest.saturating_add(1);
+        self.delivered = highest;
+        tracing::info!(
+            last,
+            replayed,
+            took_ms = started.elapsed().as_millis() as u64,
+            "session resumed"
+        );
+        if !unreachable.is_empty() {
+            let problems: Vec<String> = unreachable
+                .iter()
+                .map(|a| format!("{}: {}", a.region, a.problem))
+                .collect();
+            let message = format!(
+                "could not ask every permitted region for this session's finals ({}); finals after utterance {highest} may be missing: resume again with last={highest}",
+                problems.join("; ")
+            );
+            self.send_error(socket, ClientErrorCode::ResumeIncomplete, message, false)
+                .await?;
+        }
+        Ok(())
     }
 
     /// The edge's own `stage` failed on this session's audio: logged, the
@@ -656,6 +951,7 @@ impl Session {
                 });
             }
         }
+        self.ask_partial();
         self.trim();
         for msg in started {
             self.send(socket, ServerMessage::SpeechStarted(msg))
@@ -663,6 +959,94 @@ impl Session {
                 .map_err(|_| End::Gone)?;
         }
         Ok(())
+    }
+
+    /// Asks for a partial of the open utterance when one is due: a cadence
+    /// of new speech since the last ask, none in flight. Busy threads mean
+    /// this one is skipped (and counted), not queued.
+    fn ask_partial(&mut self) {
+        let Some(partials) = self.edge.partials.as_ref() else {
+            return;
+        };
+        let Some(start) = self.endpointer.speech_start() else {
+            return;
+        };
+        if !self.params.partials || self.partial.is_some() {
+            return;
+        }
+        let utterance = self.next_utterance;
+        if self.partial_utterance != utterance {
+            self.partial_utterance = utterance;
+            self.partial_at = start;
+        }
+        if self.processed < self.partial_at + partials.cadence_samples() {
+            return;
+        }
+        self.partial_at = self.processed;
+        let from = (start.max(self.audio_base) - self.audio_base) as usize * 2;
+        let to = ((self.processed - self.audio_base) as usize * 2).min(self.audio.len());
+        let Some(bytes) = self.audio.get(from..to) else {
+            return;
+        };
+        let pcm = s16le_to_f32(bytes);
+        let audio = pcm.len() as f64 / f64::from(wire::SAMPLE_RATE);
+        match partials.ask(pcm, self.params.language.clone()) {
+            Some(answer) => {
+                self.partial = Some(PartialAsk {
+                    utterance,
+                    audio,
+                    answer,
+                });
+            }
+            None => self.skip_partial("busy"),
+        }
+    }
+
+    fn skip_partial(&self, reason: &'static str) {
+        self.edge
+            .metrics
+            .partials_skipped
+            .get_or_create(&crate::metrics::ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Sends a partial's text, unless its utterance's final went first.
+    async fn on_partial(
+        &mut self,
+        socket: &mut WebSocket,
+        utterance: u32,
+        audio: f64,
+        result: Result<crate::partials::Reading, String>,
+    ) -> Result<(), axum::Error> {
+        let reading = match result {
+            Ok(r) => r,
+            Err(error) => {
+                tracing::warn!(%error, utterance, "partial failed");
+                self.skip_partial("failed");
+                return Ok(());
+            }
+        };
+        if utterance <= self.delivered {
+            self.skip_partial("stale");
+            return Ok(());
+        }
+        let text = reading.text.trim();
+        if text.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(
+            utterance,
+            compute_ms = reading.compute.as_millis() as u64,
+            text = %earshot_common::telemetry::content(text),
+            "partial"
+        );
+        self.edge.metrics.partials.inc();
+        let msg = earshot_common::client::PartialMessage {
+            utterance,
+            text: text.to_owned(),
+            audio,
+        };
+        self.send(socket, ServerMessage::Partial(msg)).await
     }
 
     fn finalize(&mut self) {
@@ -716,6 +1100,8 @@ impl Session {
             translate: self.params.translate.clone().unwrap_or_default(),
             timestamps: self.params.timestamps,
             words: self.params.words,
+            resume: false,
+            span: Some((samples_to_ms(segment.start), samples_to_ms(segment.end))),
             sample_rate: wire::SAMPLE_RATE,
         };
         let uplink = self.edge.uplink.clone();
@@ -761,6 +1147,7 @@ impl Session {
                 return self.send(socket, ServerMessage::Error(msg)).await;
             }
         };
+        self.delivered = self.delivered.max(outcome.number);
         match outcome.result {
             Ok(answer) => {
                 metrics
@@ -1014,6 +1401,12 @@ pub(crate) fn check_receipt(
     })
 }
 
+/// 16 kHz samples as milliseconds (saturating: a session is at most
+/// `limits.max_session_ms` long).
+fn samples_to_ms(samples: u64) -> u32 {
+    u32::try_from(samples / 16).unwrap_or(u32::MAX)
+}
+
 /// Whether a receive error is the message-size limit.
 fn is_too_large(e: &axum::Error) -> bool {
     use std::error::Error as _;
@@ -1063,6 +1456,8 @@ mod tests {
                 translate: None,
                 timestamps: false,
                 words: false,
+                partials: true,
+                resume: None,
             }
         );
         let p = parse_params(&q(&[
@@ -1072,8 +1467,10 @@ mod tests {
             ("language", "de"),
             ("timestamps", "true"),
             ("words", "true"),
+            ("partials", "false"),
         ]))
         .unwrap();
+        assert!(!p.partials);
         assert_eq!(p.encoding, Encoding::PcmF32le);
         assert_eq!((p.sample_rate, p.channels), (44_100, 2));
         assert_eq!(p.language.as_deref(), Some("de"));
@@ -1107,6 +1504,18 @@ mod tests {
         assert_eq!(code(&[("langauge", "en")]), ClientErrorCode::InvalidQuery);
         assert_eq!(code(&[("timestamps", "1")]), ClientErrorCode::InvalidQuery);
         assert_eq!(code(&[("words", "yes")]), ClientErrorCode::InvalidQuery);
+        assert_eq!(code(&[("partials", "no")]), ClientErrorCode::InvalidQuery);
+        assert_eq!(code(&[("session", "abc")]), ClientErrorCode::InvalidQuery);
+        assert_eq!(code(&[("last", "3")]), ClientErrorCode::InvalidQuery);
+        let id = "6ea26829-a6cd-4445-bd37-3e8e169d1acc";
+        assert_eq!(
+            code(&[("session", id), ("last", "-1")]),
+            ClientErrorCode::InvalidQuery
+        );
+        let p = parse_params(&q(&[("session", id), ("last", "4")])).unwrap();
+        assert_eq!(p.resume, Some((id.parse().unwrap(), 4)));
+        let p = parse_params(&q(&[("session", id)])).unwrap();
+        assert_eq!(p.resume, Some((id.parse().unwrap(), 0)));
         let (_, msg, close_code) = parse_params(&q(&[("langauge", "en")])).unwrap_err();
         assert!(
             msg.contains("langauge") && msg.contains("language"),

@@ -131,6 +131,16 @@ pub struct Answer {
     pub fin: Final,
 }
 
+/// What the permitted regions hold of one utterance of a resumed session.
+#[derive(Debug)]
+pub enum Fetched {
+    Found(Box<Answer>),
+    /// Every permitted region was asked and holds nothing of it.
+    NotFound,
+    /// No region had it, and these could not be asked.
+    Unreachable(Vec<Attempt>),
+}
+
 enum AttemptError {
     Transport(String),
     Answered(wire::WireError),
@@ -258,13 +268,7 @@ impl Uplink {
                         format!("no answer within {:?}", self.policy.attempt_timeout),
                     ),
                 };
-                self.failed(target);
-                self.count(target, label);
-                tracing::warn!(region = %target.name, outcome = label, %problem, "region attempt failed");
-                *target
-                    .last_problem
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(problem.clone());
+                self.attempt_failed(target, label, &problem);
                 if failures.len() == MAX_ATTEMPTS_KEPT {
                     failures.remove(0);
                 }
@@ -318,6 +322,85 @@ impl Uplink {
             );
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Asks the permitted regions, in order, for what they hold of the
+    /// utterance `header` names (`header.resume` set): an utterance may
+    /// have been answered by any of them (failover), so each is asked until
+    /// one has it. One round, no retries: the caller decides what a region
+    /// it could not ask means.
+    pub async fn fetch(&self, header: &Header) -> Result<Fetched, UplinkError> {
+        let empty: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest([]).into();
+        let request = wire::encode_utterance(header, &Bytes::new(), empty)?.freeze();
+        let mut failures = Vec::new();
+        for target in &self.targets {
+            if !self.allow(target, &mut None) {
+                self.count(target, "skipped");
+                failures.push(Attempt {
+                    region: target.name.clone(),
+                    problem: "circuit breaker open".into(),
+                });
+                continue;
+            }
+            let outcome =
+                tokio::time::timeout(self.policy.attempt_timeout, self.attempt(target, &request))
+                    .await;
+            let (label, problem) = match outcome {
+                Ok(Ok(fin)) if fin.utterance == header.utterance => {
+                    self.succeeded(target);
+                    self.count(target, "ok");
+                    return Ok(Fetched::Found(Box::new(Answer {
+                        region: target.name.clone(),
+                        fin,
+                    })));
+                }
+                Ok(Ok(_)) => ("corrupted", "answer names another utterance".to_owned()),
+                Ok(Err(AttemptError::Answered(e))) if e.code == ErrorCode::NotFound => {
+                    self.succeeded(target);
+                    self.count(target, "not_found");
+                    continue;
+                }
+                Ok(Err(AttemptError::Answered(e))) => {
+                    self.succeeded(target);
+                    self.count(target, "refused");
+                    failures.push(Attempt {
+                        region: target.name.clone(),
+                        problem: format!("{}: {}", e.code, e.message),
+                    });
+                    continue;
+                }
+                Ok(Err(AttemptError::Transport(e))) => {
+                    self.forget(target);
+                    ("transport", e)
+                }
+                Err(_) => (
+                    "timeout",
+                    format!("no answer within {:?}", self.policy.attempt_timeout),
+                ),
+            };
+            self.attempt_failed(target, label, &problem);
+            failures.push(Attempt {
+                region: target.name.clone(),
+                problem,
+            });
+        }
+        Ok(if failures.is_empty() {
+            Fetched::NotFound
+        } else {
+            Fetched::Unreachable(failures)
+        })
+    }
+
+    /// An attempt on `target` failed (`label`: how): fed to its breaker,
+    /// counted, logged, kept as its last problem.
+    fn attempt_failed(&self, target: &Target, label: &'static str, problem: &str) {
+        self.failed(target);
+        self.count(target, label);
+        tracing::warn!(region = %target.name, outcome = label, %problem, "region attempt failed");
+        *target
+            .last_problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(problem.to_owned());
     }
 
     fn breaker<T>(&self, target: &Target, f: impl FnOnce(&mut Breaker) -> T) -> T {

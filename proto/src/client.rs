@@ -15,6 +15,11 @@ pub enum ServerMessage {
     /// The VAD heard the start of speech: utterance `utterance` begins at
     /// `start` seconds of the session's audio. Its final (or error) follows.
     SpeechStarted(SpeechStartedMessage),
+    /// While utterance `utterance` is open (and until its final), the
+    /// edge's small model's reading of its audio so far. Each supersedes
+    /// the previous one; the final supersedes them all. Best effort: an
+    /// edge that is busy skips them.
+    Partial(PartialMessage),
     /// One per utterance, in utterance order.
     Final(FinalMessage),
     /// Right after its utterance's final, when the session asked for a
@@ -32,6 +37,14 @@ pub enum ServerMessage {
 pub struct SpeechStartedMessage {
     pub utterance: u32,
     pub start: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartialMessage {
+    pub utterance: u32,
+    pub text: String,
+    /// Seconds of the utterance's audio the text covers (from its start).
+    pub audio: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +75,15 @@ pub struct SessionInfo {
     /// The language finals are translated into, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub translate: Option<String>,
+    /// Whether `partial` messages come (asked with `partials=`, and the
+    /// edge has a model for them).
+    #[serde(default)]
+    pub partials: bool,
+    /// Set when this connection resumes session `session` (`session=` and
+    /// `last=`): the finals after utterance `resumed_after` that the
+    /// regions hold follow, in order, before new ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_after: Option<u32>,
 }
 
 fn one() -> u16 {
@@ -181,10 +203,13 @@ pub enum ClientErrorCode {
     /// No model translates into the requested language; transcription
     /// goes on without translations.
     TranslationUnavailable,
+    /// A resumed session could not ask every permitted region for its
+    /// finals; some may be missing: resume again later.
+    ResumeIncomplete,
 }
 
 impl ClientErrorCode {
-    pub const ALL: [ClientErrorCode; 17] = [
+    pub const ALL: [ClientErrorCode; 18] = [
         ClientErrorCode::InvalidQuery,
         ClientErrorCode::UnsupportedEncoding,
         ClientErrorCode::UnsupportedSampleRate,
@@ -202,6 +227,7 @@ impl ClientErrorCode {
         ClientErrorCode::ShuttingDown,
         ClientErrorCode::ProtocolError,
         ClientErrorCode::TranslationUnavailable,
+        ClientErrorCode::ResumeIncomplete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -223,6 +249,7 @@ impl ClientErrorCode {
             ClientErrorCode::ShuttingDown => "shutting_down",
             ClientErrorCode::ProtocolError => "protocol_error",
             ClientErrorCode::TranslationUnavailable => "translation_unavailable",
+            ClientErrorCode::ResumeIncomplete => "resume_incomplete",
         }
     }
 }
@@ -360,16 +387,7 @@ pub fn micros_to_ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-/// Lowercase hex of a byte string.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 0xf) as usize] as char);
-    }
-    out
-}
+pub use crate::receipt::hex;
 
 /// Whether `s` has the form of a language code as sessions and configs
 /// write them: two or three lowercase ASCII letters (`en`, `de`, `haw`).

@@ -15,10 +15,10 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Protocol version carried in every header.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// ALPN protocol id for the QUIC connection: peers of different wire
 /// versions fail at the handshake, not on every utterance.
-pub const ALPN: &[u8] = b"earshot/2";
+pub const ALPN: &[u8] = b"earshot/3";
 /// Largest frame body (type byte + payload) a peer may send.
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Audio on the wire is mono PCM, signed 16-bit little endian, at this rate.
@@ -50,12 +50,23 @@ pub struct Header {
     /// Language to translate into, e.g. `en`; empty means no translation.
     pub translate: String,
     /// Return the transcript's segments with Whisper's timestamps. Encoded
-    /// with `words` in one trailing byte of options (bit 0 and bit 1),
+    /// with `words` and `resume` in one trailing byte of options (bits 0,
+    /// 1 and 2),
     /// written only when either is set, so a header without them is the
     /// same bytes as before the fields existed.
     pub timestamps: bool,
     /// Return each word of the transcript with its start and end.
     pub words: bool,
+    /// A resumed session asking for what the region holds of utterance
+    /// `utterance` of `session`, whichever edge of the jurisdiction cut it
+    /// (bit 2 of the options): no audio follows; the answer is its final
+    /// (waiting for it if still queued) or `not_found`.
+    pub resume: bool,
+    /// Where the utterance lies in its session, `(start, end)` in
+    /// milliseconds of the session's audio: kept with the answer so that a
+    /// resumed session can place finals it fetches. Bit 3 of the options,
+    /// then two u32 after the options byte.
+    pub span: Option<(u32, u32)>,
     /// Sample rate of the audio that follows; always [`SAMPLE_RATE`] today.
     pub sample_rate: u32,
 }
@@ -92,6 +103,9 @@ pub struct Final {
     /// SHA-256 of the model version that made the text (its manifest), set
     /// by the worker; a trailing section after the words.
     pub model_sha256: Option<[u8; 32]>,
+    /// The header's `span`, copied by the worker; a trailing section after
+    /// the model digest (flag byte, then two u32).
+    pub span: Option<(u32, u32)>,
     /// The region's signed receipt, added by its ingress; the last
     /// trailing section.
     pub receipt: Option<Box<Receipt>>,
@@ -171,12 +185,15 @@ pub enum ErrorCode {
     /// The region's queue is past its threshold (queued and unacknowledged
     /// entries): the edge tries the next permitted region.
     Busy,
+    /// A resume asked for an utterance the region holds nothing of (never
+    /// admitted here, or expired).
+    NotFound,
     /// A code this build does not know (from a newer peer).
     Unknown,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidFrame,
         ErrorCode::ResidencyRefused,
         ErrorCode::QueueUnavailable,
@@ -188,6 +205,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Overloaded,
         ErrorCode::Busy,
+        ErrorCode::NotFound,
         ErrorCode::Unknown,
     ];
 
@@ -204,6 +222,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::Busy => "busy",
+            ErrorCode::NotFound => "not_found",
             ErrorCode::Unknown => "unknown",
         }
     }
@@ -317,13 +336,14 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
             let edge = r.str8("edge")?;
             let language = r.str8("language")?;
             let translate = r.str8("translate")?;
-            // Optional trailing options: bit 0 timestamps, bit 1 words.
+            // Optional trailing options: bit 0 timestamps, bit 1 words,
+            // bit 2 resume, bit 3 span (two u32 follow).
             let options = if r.buf.has_remaining() {
                 r.u8("options")?
             } else {
                 0
             };
-            if options > 0b11 {
+            if options > 0b1111 {
                 return Err(FrameError::InvalidFlag {
                     what: "header options",
                     value: options,
@@ -339,6 +359,12 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
                 translate,
                 timestamps: options & 1 != 0,
                 words: options & 2 != 0,
+                resume: options & 4 != 0,
+                span: if options & 8 != 0 {
+                    Some((r.u32("span start")?, r.u32("span end")?))
+                } else {
+                    None
+                },
             })
         }
         T_AUDIO => Frame::Audio(std::mem::take(&mut r.buf)),
@@ -375,6 +401,7 @@ fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
             segments: r.spans("segment")?,
             words: r.spans("word")?,
             model_sha256: r.model_digest()?,
+            span: r.span()?,
             receipt: r.receipt()?,
         }),
         T_ERROR => Frame::Error(WireError {
@@ -450,6 +477,21 @@ impl Reader {
             1 => Ok(Some(self.array("model digest")?)),
             other => Err(FrameError::InvalidFlag {
                 what: "model digest",
+                value: other,
+            }),
+        }
+    }
+
+    /// The optional span section: a flag byte, then start and end (u32).
+    fn span(&mut self) -> Result<Option<(u32, u32)>, FrameError> {
+        if !self.buf.has_remaining() {
+            return Ok(None);
+        }
+        match self.u8("span flag")? {
+            0 => Ok(None),
+            1 => Ok(Some((self.u32("span start")?, self.u32("span end")?))),
+            other => Err(FrameError::InvalidFlag {
+                what: "span",
                 value: other,
             }),
         }
@@ -539,9 +581,16 @@ impl Frame {
                 put_str8(&mut body, &h.edge, "edge")?;
                 put_str8(&mut body, &h.language, "language")?;
                 put_str8(&mut body, &h.translate, "translate")?;
-                let options = u8::from(h.timestamps) | u8::from(h.words) << 1;
+                let options = u8::from(h.timestamps)
+                    | u8::from(h.words) << 1
+                    | u8::from(h.resume) << 2
+                    | u8::from(h.span.is_some()) << 3;
                 if options != 0 {
                     body.put_u8(options);
+                }
+                if let Some((start, end)) = h.span {
+                    body.put_u32(start);
+                    body.put_u32(end);
                 }
             }
             Frame::Audio(audio) => {
@@ -580,6 +629,8 @@ impl Frame {
                 // it or a later one is present, so a final without them is
                 // the same bytes as before they existed.
                 let last = if f.receipt.is_some() {
+                    5
+                } else if f.span.is_some() {
                     4
                 } else if f.model_sha256.is_some() {
                     3
@@ -602,6 +653,16 @@ impl Frame {
                         Some(digest) => {
                             body.put_u8(1);
                             body.put_slice(digest);
+                        }
+                    }
+                }
+                if last >= 4 {
+                    match f.span {
+                        None => body.put_u8(0),
+                        Some((start, end)) => {
+                            body.put_u8(1);
+                            body.put_u32(start);
+                            body.put_u32(end);
                         }
                     }
                 }
@@ -831,6 +892,8 @@ mod tests {
             translate: String::new(),
             timestamps: false,
             words: false,
+            resume: false,
+            span: None,
             sample_rate: 16_000,
         }
     }
@@ -847,7 +910,7 @@ mod tests {
 
     #[test]
     fn header_layout_is_fixed() {
-        let mut expected = vec![0, 0, 0, 36, 0x01, 0x02];
+        let mut expected = vec![0, 0, 0, 36, 0x01, 0x03];
         expected.extend([0xab; 16]);
         expected.extend([0, 0, 0, 7]); // utterance
         expected.extend([0, 0, 0x3e, 0x80]); // 16000
@@ -856,27 +919,46 @@ mod tests {
         assert_eq!(decode_all(&expected), Ok(Some(Frame::Header(header()))));
 
         // Timestamps or words asked for: one trailing byte of options
-        // (bit 0 timestamps, bit 1 words); any other bit is invalid.
+        // (bit 0 timestamps, bit 1 words, bit 2 resume); any other bit is
+        // invalid.
         let mut with = expected.clone();
         with[3] += 1;
         with.push(0);
         let last = with.len() - 1;
-        for (timestamps, words, byte) in [(true, false, 1), (false, true, 2), (true, true, 3)] {
+        for (timestamps, words, resume, byte) in [
+            (true, false, false, 1),
+            (false, true, false, 2),
+            (true, true, false, 3),
+            (false, false, true, 4),
+            (true, true, true, 7),
+        ] {
             let asked = Header {
                 timestamps,
                 words,
+                resume,
                 ..header()
             };
             with[last] = byte;
             assert_eq!(bytes_of(&Frame::Header(asked.clone())), with);
             assert_eq!(decode_all(&with), Ok(Some(Frame::Header(asked))));
         }
-        with[last] = 4;
+        // A span: bit 3, then start and end.
+        let placed = Header {
+            span: Some((1_000, 2_500)),
+            ..header()
+        };
+        let mut spanned = with.clone();
+        spanned[3] += 8;
+        spanned[last] = 8;
+        spanned.extend([0, 0, 0x03, 0xe8, 0, 0, 0x09, 0xc4]);
+        assert_eq!(bytes_of(&Frame::Header(placed.clone())), spanned);
+        assert_eq!(decode_all(&spanned), Ok(Some(Frame::Header(placed))));
+        with[last] = 16;
         assert_eq!(
             decode_all(&with),
             Err(FrameError::InvalidFlag {
                 what: "header options",
-                value: 4
+                value: 16
             })
         );
     }
@@ -912,6 +994,7 @@ mod tests {
             segments: Vec::new(),
             words: Vec::new(),
             model_sha256: None,
+            span: None,
             receipt: None,
         };
         let mut expected = vec![0, 0, 0, 66, 0x10, 0, 0, 0, 1];
@@ -996,6 +1079,17 @@ mod tests {
         hashed.extend([7; 32]);
         assert_eq!(bytes_of(&Frame::Final(digested.clone())), hashed);
         assert_eq!(decode_all(&hashed), Ok(Some(Frame::Final(digested))));
+        // A span alone: empty segments and words, no digest, flag 1, start
+        // and end.
+        let placed = Final {
+            span: Some((1_000, 2_500)),
+            ..fin.clone()
+        };
+        let mut spanned = expected.clone();
+        spanned[3] += 2 + 2 + 1 + 1 + 8;
+        spanned.extend([0, 0, 0, 0, 0, 1, 0, 0, 0x03, 0xe8, 0, 0, 0x09, 0xc4]);
+        assert_eq!(bytes_of(&Frame::Final(placed.clone())), spanned);
+        assert_eq!(decode_all(&spanned), Ok(Some(Frame::Final(placed))));
         // A receipt without a digest: flag 0 for the digest, then the
         // claims' JSON, the scheme and two byte strings.
         let claims = crate::receipt::Claims {
@@ -1022,7 +1116,7 @@ mod tests {
             ..fin.clone()
         };
         let mut receipted = expected.clone();
-        receipted.extend([0, 0, 0, 0, 0]);
+        receipted.extend([0, 0, 0, 0, 0, 0]);
         receipted.extend((json.len() as u16).to_be_bytes());
         receipted.extend(&json);
         receipted.extend([0x04, 0x03, 0, 2, 0xaa, 0xbb, 0, 1, 0xcc]);
@@ -1032,7 +1126,7 @@ mod tests {
         assert_eq!(decode_all(&receipted), Ok(Some(Frame::Final(signed))));
         // Claims that are not the documented JSON are refused.
         let mut forged = receipted.clone();
-        let at = expected.len() + 5 + 2;
+        let at = expected.len() + 6 + 2;
         forged[at] = b'[';
         assert_eq!(decode_all(&forged), Err(FrameError::InvalidReceipt));
         // A count the body does not hold is an error, not a short list.
@@ -1109,7 +1203,7 @@ mod tests {
             Err(FrameError::UnknownType(0x7f))
         );
         assert_eq!(
-            decode_all(&[0, 0, 0, 3, 0x01, 0x02, 0xab]),
+            decode_all(&[0, 0, 0, 3, 0x01, 0x03, 0xab]),
             Err(FrameError::Truncated {
                 kind: 1,
                 what: "session id"

@@ -8,8 +8,8 @@
 
 use bytes::{Bytes, BytesMut};
 use earshot_proto::client::{
-    ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, SegmentMessage, ServerMessage,
-    SessionInfo, SpeechStartedMessage, TranslationMessage, parse_client_message,
+    ClientErrorCode, ClientMessage, ErrorMessage, FinalMessage, PartialMessage, SegmentMessage,
+    ServerMessage, SessionInfo, SpeechStartedMessage, TranslationMessage, parse_client_message,
 };
 use earshot_proto::manifest::{
     Channel, FileEntry, Format, Kind, Lineage, Manifest, Quantization, Rollout, Tier,
@@ -53,11 +53,20 @@ fn header() -> impl Strategy<Value = Header> {
         any::<[u8; 16]>(),
         any::<u32>(),
         (text(60), text(60), text(60), text(60)),
-        any::<(bool, bool)>(),
+        (
+            any::<(bool, bool, bool)>(),
+            proptest::option::of(any::<(u32, u32)>()),
+        ),
         any::<u32>(),
     )
         .prop_map(
-            |(session, utterance, (jurisdiction, edge, language, translate), (t, w), rate)| {
+            |(
+                session,
+                utterance,
+                (jurisdiction, edge, language, translate),
+                ((t, w, r), span),
+                rate,
+            )| {
                 Header {
                     session,
                     utterance,
@@ -67,6 +76,8 @@ fn header() -> impl Strategy<Value = Header> {
                     translate,
                     timestamps: t,
                     words: w,
+                    resume: r,
+                    span,
                     sample_rate: rate,
                 }
             },
@@ -95,7 +106,12 @@ fn final_frame() -> impl Strategy<Value = Final> {
     (
         (any::<u32>(), text(300), text(60), text(60)),
         (any::<[u8; 32]>(), any::<u32>(), any::<u32>()),
-        (text(10), -1.0f32..=1.0f32, translated()),
+        (
+            text(10),
+            -1.0f32..=1.0f32,
+            translated(),
+            proptest::option::of(any::<(u32, u32)>()),
+        ),
         (
             vec(span(), 0..4),
             vec(span(), 0..4),
@@ -107,7 +123,7 @@ fn final_frame() -> impl Strategy<Value = Final> {
             |(
                 (utterance, text, region, model),
                 (audio_sha256, queue_us, inference_us),
-                (language, language_probability, translation),
+                (language, language_probability, translation, placed),
                 (segments, words, model_sha256, receipt),
             )| Final {
                 utterance,
@@ -123,6 +139,7 @@ fn final_frame() -> impl Strategy<Value = Final> {
                 segments,
                 words,
                 model_sha256,
+                span: placed,
                 receipt,
             },
         )
@@ -335,6 +352,8 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                 any::<u16>(),
                 proptest::option::of(text(5)),
                 proptest::option::of(text(5)),
+                any::<bool>(),
+                proptest::option::of(any::<u32>()),
             ),
         )
             .prop_map(
@@ -343,7 +362,7 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                     regions,
                     sample_rate,
                     encoding,
-                    (channels, language, translate),
+                    (channels, language, translate, partials, resumed_after),
                 )| {
                     ServerMessage::Session(SessionInfo {
                         session,
@@ -355,9 +374,18 @@ fn server_message() -> impl Strategy<Value = ServerMessage> {
                         channels,
                         language,
                         translate,
+                        partials,
+                        resumed_after,
                     })
                 }
             ),
+        (any::<u32>(), text(200), seconds()).prop_map(|(utterance, text, audio)| {
+            ServerMessage::Partial(PartialMessage {
+                utterance,
+                text,
+                audio,
+            })
+        }),
         (any::<u32>(), seconds()).prop_map(|(utterance, start)| {
             ServerMessage::SpeechStarted(SpeechStartedMessage { utterance, start })
         }),

@@ -263,6 +263,9 @@ impl Ingress {
             ));
         }
         self.check_residency(&h.jurisdiction, &h.edge)?;
+        if h.resume {
+            return self.resume(h).await;
+        }
         let sha: [u8; 32] = Sha256::digest(&utterance.audio).into();
         if sha != utterance.audio_sha256 {
             return Err((
@@ -289,6 +292,83 @@ impl Ingress {
         let result = self.enqueue_and_wait(utterance).await;
         self.metrics.inflight.dec();
         result
+    }
+
+    /// Answers a resumed session's request for utterance `h.utterance` of
+    /// `h.session` from what this region holds, whichever edge of the
+    /// session's jurisdiction cut it: the stored final, or the final of
+    /// the job still queued (waited for, as a retry waits), or `not_found`.
+    /// What an edge of another jurisdiction cut is never returned.
+    async fn resume(&self, h: &wire::Header) -> Result<Frame, Refusal> {
+        let outcome = |outcome: &'static str| {
+            self.metrics
+                .resumes
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc();
+        };
+        let not_found = || {
+            Err((
+                ErrorCode::NotFound,
+                format!(
+                    "region {} holds nothing of utterance {} of this session",
+                    self.region, h.utterance
+                ),
+                "not_found",
+            ))
+        };
+        let mut conn = self.redis.clone();
+        let fetched = tokio::time::timeout(
+            self.redis_timeout,
+            queue::fetch(
+                &mut conn,
+                &self.region,
+                &h.session,
+                h.utterance,
+                self.router.channel(),
+                self.result_ttl,
+            ),
+        )
+        .await;
+        let fetched = match fetched {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => return queue_unavailable(e.to_string()),
+            Err(_) => {
+                return queue_unavailable(format!("no reply within {:?}", self.redis_timeout));
+            }
+        };
+        let of_jurisdiction = |edge: &str| {
+            self.topology
+                .edge(edge)
+                .is_some_and(|e| e.jurisdiction == h.jurisdiction)
+        };
+        match fetched {
+            queue::Fetched::Answered { frame, edge } if of_jurisdiction(&edge) => {
+                outcome("answered");
+                answer_from(&frame)
+            }
+            queue::Fetched::Queued { edge, request } if of_jurisdiction(&edge) => {
+                outcome("queued");
+                let waiting = self.router.register(request);
+                let cut = wire::Header {
+                    edge,
+                    resume: false,
+                    ..h.clone()
+                };
+                self.await_result(request, waiting, &cut, Instant::now())
+                    .await
+            }
+            queue::Fetched::Unknown => {
+                outcome("not_found");
+                not_found()
+            }
+            // Another jurisdiction's session under the same id: as if
+            // there were none.
+            queue::Fetched::Answered { edge, .. } | queue::Fetched::Queued { edge, .. } => {
+                tracing::warn!(%edge, jurisdiction = %h.jurisdiction, "resume asked for another jurisdiction's utterance; refused as not found");
+                outcome("other_jurisdiction");
+                not_found()
+            }
+        }
     }
 
     fn check_residency(&self, jurisdiction: &str, edge: &str) -> Result<(), Refusal> {
@@ -332,7 +412,7 @@ impl Ingress {
             audio_sha256: utterance.audio_sha256,
             enqueued_us: queue::unix_us(),
         };
-        let mut waiting = self.router.register(request);
+        let waiting = self.router.register(request);
         let started = Instant::now();
         let mut conn = self.redis.clone();
         let admitted = tokio::time::timeout(
@@ -350,14 +430,6 @@ impl Ingress {
         let give_up = |waiting: oneshot::Receiver<Bytes>| {
             drop(waiting);
             self.router.forget(&request);
-        };
-        let unavailable = |why: String| {
-            tracing::warn!(%why, "cannot queue utterance");
-            Err((
-                ErrorCode::QueueUnavailable,
-                format!("the region's queue is unavailable: {why}"),
-                "queue_unavailable",
-            ))
         };
         let dedup = |state: &'static str| {
             self.metrics
@@ -390,13 +462,30 @@ impl Ingress {
             }
             Ok(Err(e)) => {
                 give_up(waiting);
-                return unavailable(e.to_string());
+                return queue_unavailable(e.to_string());
             }
             Err(_) => {
                 give_up(waiting);
-                return unavailable(format!("no reply within {:?}", self.redis_timeout));
+                return queue_unavailable(format!("no reply within {:?}", self.redis_timeout));
             }
         }
+        self.await_result(request, waiting, &job.header, started)
+            .await
+    }
+
+    /// Waits for the answer to `request` (the utterance `header` names),
+    /// registered as `waiting` on the router.
+    async fn await_result(
+        &self,
+        request: [u8; 16],
+        mut waiting: oneshot::Receiver<Bytes>,
+        header: &wire::Header,
+        started: Instant,
+    ) -> Result<Frame, Refusal> {
+        let give_up = |waiting: oneshot::Receiver<Bytes>| {
+            drop(waiting);
+            self.router.forget(&request);
+        };
         // The result comes on the channel; the record is read now and then
         // too, for a result published while this ingress was not subscribed.
         // When the channel has been down for SUBSCRIPTION_GRACE (Redis is
@@ -423,7 +512,7 @@ impl Ingress {
                     } else if now.duration_since(*lost_since.get_or_insert(now)) >= SUBSCRIPTION_GRACE {
                         give_up(waiting);
                         self.metrics.handed_back.inc();
-                        return unavailable(format!(
+                        return queue_unavailable(format!(
                             "lost the result channel (Redis) for {SUBSCRIPTION_GRACE:?} while this utterance waited; handed back"
                         ));
                     }
@@ -432,7 +521,7 @@ impl Ingress {
                     let mut conn = self.redis.clone();
                     let read = tokio::time::timeout(
                         self.redis_timeout,
-                        queue::stored_result(&mut conn, &self.region, &job.header),
+                        queue::stored_result(&mut conn, &self.region, header),
                     )
                     .await;
                     if let Ok(Ok(Some(frame))) = read {
@@ -455,6 +544,16 @@ impl Ingress {
             )),
         }
     }
+}
+
+/// The answer when the region's Redis cannot be reached.
+fn queue_unavailable(why: String) -> Result<Frame, Refusal> {
+    tracing::warn!(%why, "cannot queue utterance");
+    Err((
+        ErrorCode::QueueUnavailable,
+        format!("the region's queue is unavailable: {why}"),
+        "queue_unavailable",
+    ))
 }
 
 /// The frame a worker stored or published, checked.

@@ -68,6 +68,7 @@ pub struct Metrics {
     pub model_reloads: Family<OutcomeLabel, Counter>,
     pub text_withheld: Family<ReasonLabel, Counter>,
     pub deduplicated: Family<StateLabel, Counter>,
+    pub resumes: Family<OutcomeLabel, Counter>,
     pub results_polled: Counter,
     pub dead_letters: Counter,
     pub results_unrouted: Counter,
@@ -101,6 +102,7 @@ impl Metrics {
             model_reloads: Family::default(),
             text_withheld: Family::default(),
             deduplicated: Family::default(),
+            resumes: Family::default(),
             results_polled: Counter::default(),
             dead_letters: Counter::default(),
             results_unrouted: Counter::default(),
@@ -178,6 +180,11 @@ impl Metrics {
             m.deduplicated.clone(),
         );
         registry.register(
+            "resumes",
+            "Utterances a resumed session asked for, by outcome (answered: from the stored final; queued: waited for its job; not_found; other_jurisdiction: refused as not found)",
+            m.resumes.clone(),
+        );
+        registry.register(
             "results_polled",
             "Results the ingress found in the utterance record rather than on its channel (published while it was not subscribed)",
             m.results_polled.clone(),
@@ -201,7 +208,7 @@ impl Metrics {
     }
 
     /// Outcomes of the ingress's `utterances`.
-    pub const UTTERANCE_OUTCOMES: [&'static str; 9] = [
+    pub const UTTERANCE_OUTCOMES: [&'static str; 10] = [
         "final",
         "refused",
         "invalid",
@@ -211,6 +218,7 @@ impl Metrics {
         "busy",
         "shutting_down",
         "error",
+        "not_found",
     ];
     /// Outcomes of the workers' `jobs`.
     pub const JOB_OUTCOMES: [&'static str; 5] =
@@ -221,6 +229,9 @@ impl Metrics {
     pub fn init_series(&self, jurisdictions: &[String]) {
         for outcome in Self::UTTERANCE_OUTCOMES {
             let _ = self.utterances.get_or_create(&OutcomeLabel { outcome });
+        }
+        for outcome in ["answered", "queued", "not_found", "other_jurisdiction"] {
+            let _ = self.resumes.get_or_create(&OutcomeLabel { outcome });
         }
         for outcome in Self::JOB_OUTCOMES {
             let _ = self.jobs.get_or_create(&OutcomeLabel { outcome });

@@ -53,6 +53,12 @@ pub fn dead_letter_key(region: &str) -> String {
     format!("earshot:{region}:dead")
 }
 
+/// Redis key of a session's index: utterance number → the edge that cut
+/// it, for resumed sessions (see [`fetch`]).
+pub fn session_key(region: &str, session: &[u8; 16]) -> String {
+    format!("earshot:{region}:session:{}", hex(session))
+}
+
 /// Redis key of one utterance's idempotency record.
 pub fn utterance_key(region: &str, header: &Header) -> String {
     format!(
@@ -66,11 +72,16 @@ pub fn utterance_key(region: &str, header: &Header) -> String {
 /// The id results are routed by: the same for every attempt of one
 /// utterance, so a retry waits for the first attempt's result.
 pub fn request_id(header: &Header) -> [u8; 16] {
+    request_key(&header.edge, &header.session, header.utterance)
+}
+
+/// [`request_id`] of utterance `utterance` of `session` as cut by `edge`.
+pub fn request_key(edge: &str, session: &[u8; 16], utterance: u32) -> [u8; 16] {
     let mut h = Sha256::new();
-    h.update(header.edge.as_bytes());
+    h.update(edge.as_bytes());
     h.update([0]);
-    h.update(header.session);
-    h.update(header.utterance.to_be_bytes());
+    h.update(session);
+    h.update(utterance.to_be_bytes());
     let digest = h.finalize();
     let mut id = [0u8; 16];
     id.copy_from_slice(&digest[..16]);
@@ -109,7 +120,7 @@ impl Job {
     /// stream stays readable with `redis-cli`.
     pub fn to_fields(&self) -> Vec<(&'static str, Vec<u8>)> {
         let h = &self.header;
-        vec![
+        let mut fields = vec![
             ("request", hex(&self.request).into_bytes()),
             ("reply", self.reply.clone().into_bytes()),
             ("session", hex(&h.session).into_bytes()),
@@ -138,7 +149,11 @@ impl Job {
             ("sha256", hex(&self.audio_sha256).into_bytes()),
             ("enqueued_us", self.enqueued_us.to_string().into_bytes()),
             ("audio", self.audio.to_vec()),
-        ]
+        ];
+        if let Some((start, end)) = h.span {
+            fields.push(("span", format!("{start},{end}").into_bytes()));
+        }
+        fields
     }
 
     /// Parses a stream entry. Fails, naming the field, on anything missing or
@@ -174,6 +189,12 @@ impl Job {
                 // Absent in entries queued before timestamps existed.
                 timestamps: text("timestamps").is_ok_and(|t| t == "1"),
                 words: text("words").is_ok_and(|t| t == "1"),
+                resume: false,
+                // "start,end" in ms; absent in entries queued before spans.
+                span: text("span").ok().and_then(|t| {
+                    let (a, b) = t.split_once(',')?;
+                    Some((a.parse().ok()?, b.parse().ok()?))
+                }),
                 sample_rate: u32::try_from(number("sample_rate")?)
                     .map_err(|_| "sample rate out of range")?,
             },
@@ -210,8 +231,8 @@ pub enum Admission {
     Busy,
 }
 
-/// KEYS: record, stream. ARGV: reply channel, TTL seconds, queue limit,
-/// then the entry's fields and values.
+/// KEYS: record, stream, session index. ARGV: reply channel, TTL seconds,
+/// queue limit, utterance number, edge, then the entry's fields and values.
 const ADMIT: &str = r"
 local result = redis.call('HGET', KEYS[1], 'result')
 if result then return {'answered', result} end
@@ -221,9 +242,11 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'queued'}
 end
 if redis.call('XLEN', KEYS[2]) >= tonumber(ARGV[3]) then return {'busy'} end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
 redis.call('HSET', KEYS[1], 'reply', ARGV[1], 'entry', id)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
 return {'added', id}
 ";
 
@@ -242,9 +265,12 @@ pub async fn admit(
     let mut invocation = SCRIPT.key(utterance_key(region, &job.header));
     invocation
         .key(stream)
+        .key(session_key(region, &job.header.session))
         .arg(&job.reply)
         .arg(result_ttl.as_secs().max(1))
-        .arg(queue_limit);
+        .arg(queue_limit)
+        .arg(job.header.utterance)
+        .arg(&job.header.edge);
     for (k, v) in job.to_fields() {
         invocation.arg(k).arg(v);
     }
@@ -267,6 +293,75 @@ pub async fn admit(
                 String::from_utf8_lossy(other).into_owned(),
             )));
         }
+    })
+}
+
+/// What [`fetch`] found of an utterance of a resumed session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// Answered: the stored wire frame, and the edge that cut it.
+    Answered { frame: Vec<u8>, edge: String },
+    /// Still queued or in progress: its record now names the asking
+    /// ingress as where to publish the answer; wait for `request`.
+    Queued { edge: String, request: [u8; 16] },
+    /// Never admitted here, or expired.
+    Unknown,
+}
+
+/// KEYS: session index. ARGV: utterance, record key prefix (up to the
+/// edge), record key suffix (from the session on), reply channel, TTL.
+const FETCH: &str = r"
+local edge = redis.call('HGET', KEYS[1], ARGV[1])
+if not edge then return {'unknown'} end
+local key = ARGV[2] .. edge .. ARGV[3]
+local result = redis.call('HGET', key, 'result')
+if result then return {'answered', edge, result} end
+if redis.call('EXISTS', key) == 1 then
+  redis.call('HSET', key, 'reply', ARGV[4])
+  redis.call('EXPIRE', key, ARGV[5])
+  return {'queued', edge}
+end
+return {'unknown'}
+";
+
+/// What this region holds of utterance `utterance` of `session`, whichever
+/// edge cut it (the session index says which). A queued one is redirected
+/// to `reply`, as a retry is.
+pub async fn fetch(
+    conn: &mut redis::aio::ConnectionManager,
+    region: &str,
+    session: &[u8; 16],
+    utterance: u32,
+    reply: &str,
+    result_ttl: Duration,
+) -> redis::RedisResult<Fetched> {
+    static SCRIPT: std::sync::LazyLock<redis::Script> =
+        std::sync::LazyLock::new(|| redis::Script::new(FETCH));
+    let reply_value: Vec<Value> = SCRIPT
+        .key(session_key(region, session))
+        .arg(utterance)
+        .arg(format!("earshot:{region}:utterance:"))
+        .arg(format!(":{}:{utterance}", hex(session)))
+        .arg(reply)
+        .arg(result_ttl.as_secs().max(1))
+        .invoke_async(conn)
+        .await?;
+    let text = |v: Option<&Value>| match v {
+        Some(Value::BulkString(b)) => b.clone(),
+        Some(Value::SimpleString(s)) => s.clone().into_bytes(),
+        _ => Vec::new(),
+    };
+    let edge = String::from_utf8_lossy(&text(reply_value.get(1))).into_owned();
+    Ok(match text(reply_value.first()).as_slice() {
+        b"answered" => Fetched::Answered {
+            frame: text(reply_value.get(2)),
+            edge,
+        },
+        b"queued" => Fetched::Queued {
+            request: request_key(&edge, session, utterance),
+            edge,
+        },
+        _ => Fetched::Unknown,
     })
 }
 
@@ -509,6 +604,8 @@ mod tests {
                 translate: "en".into(),
                 timestamps: true,
                 words: true,
+                resume: false,
+                span: Some((1_000, 2_500)),
                 sample_rate: 16_000,
             },
             audio: Bytes::from_static(&[0, 1, 2, 255]),

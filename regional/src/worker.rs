@@ -532,7 +532,7 @@ async fn recognize(
             })
             .collect();
         (
-            slot.recognize_batch(&audio, &translators),
+            crate::model::recognize_batch(&slot, &audio, &translators),
             (slot.id().to_owned(), slot.digest()),
         )
     })
@@ -606,6 +606,7 @@ fn answer(
                 region: ctx.region.clone(),
                 model: model_id.clone(),
                 model_sha256: Some(*model_sha256),
+                span: job.header.span,
                 receipt: None,
                 audio_sha256: job.audio_sha256,
                 queue_us: u32::try_from(admitted.queued_us).unwrap_or(u32::MAX),
