@@ -232,3 +232,53 @@ fn compression_ratio_flags_loops() {
     assert!(compression_ratio(&"thank you ".repeat(30)) > 2.4);
     assert_eq!(compression_ratio(""), 0.0);
 }
+
+/// The edge tier's GGUF: q8_0 and q4_0 weights run through earshot's own
+/// network (quantized matrix products, the fused projections quantized
+/// again) and stay close to the f32 model they came from; a truncated
+/// file is an error that names it.
+#[test]
+fn quantized_weights_encode_like_the_float_model() {
+    use earshot_asr::quantize::{Scheme, quantize_whisper};
+    let dir = tempfile::tempdir().unwrap();
+    let float = dir.path().join("f32");
+    generate_test_model(&float, &TestModelSpec::TEST).unwrap();
+    let pcm = chirp(2.0);
+    let reference = WhisperModel::load(&float, EncoderWindow::Fit).unwrap();
+    let mel = reference.mel(&pcm).unwrap();
+    let expected: Vec<f32> = reference
+        .encode(&mel)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    for (scheme, bound) in [(Scheme::Q8_0, 0.02), (Scheme::Q4_0, 0.2)] {
+        let out = dir.path().join(format!("{scheme:?}"));
+        quantize_whisper(&float, &out, scheme).unwrap();
+        assert!(!out.join("model.safetensors").exists());
+        let model = WhisperModel::load(&out, EncoderWindow::Fit).unwrap();
+        let got: Vec<f32> = model
+            .encode(&model.mel(&pcm).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got.len(), expected.len());
+        let diff: Vec<f32> = got.iter().zip(&expected).map(|(a, b)| a - b).collect();
+        let relative = norm(&diff) / norm(&expected);
+        assert!(relative < bound, "{scheme:?}: relative error {relative}");
+        assert!(relative > 0.0, "{scheme:?}: nothing was quantized");
+        // Decoding runs end to end on the quantized weights.
+        model.transcribe(&pcm, Some("en")).unwrap();
+    }
+    // A truncated GGUF names the file.
+    let broken = dir.path().join("Q8_0");
+    let gguf = broken.join("model.gguf");
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(&gguf, &bytes[..bytes.len() / 2]).unwrap();
+    let err = WhisperModel::load(&broken, EncoderWindow::Fit).unwrap_err();
+    assert!(err.to_string().contains("model.gguf"), "{err}");
+}

@@ -38,7 +38,10 @@ struct EdgeProcess {
 
 impl EdgeProcess {
     async fn start(extra: &str) -> anyhow::Result<Self> {
-        let (config, dir) = lone_edge_config(extra)?;
+        // EARSHOT_EDGE_EXTRA: more of the edge's TOML (e.g. a `[partials]`
+        // table, to measure the edge with its partials model loaded).
+        let more = std::env::var("EARSHOT_EDGE_EXTRA").unwrap_or_default();
+        let (config, dir) = lone_edge_config(&format!("{extra}\n{more}\n"))?;
         // The edge to measure: EARSHOT_EDGE_BINARY (e.g. a release build
         // while this runs from a debug one), else the one next to this.
         let binary = match std::env::var_os("EARSHOT_EDGE_BINARY") {

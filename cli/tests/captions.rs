@@ -151,8 +151,23 @@ async fn the_captions_page_shows_finals_of_the_microphone_in_chromium() {
     let mut finals: Vec<(String, String)> = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut id = 0;
+    // After the first final the page's connection is closed under it (in
+    // the pause before the next sentence): the page resumes the session
+    // and the next final still arrives.
+    let mut dropped: Option<String> = None;
     while finals.len() < SENTENCES.len() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        if dropped.is_none() && !finals.is_empty() {
+            id += 1;
+            let r = call(
+                &mut ws,
+                id,
+                "Runtime.evaluate",
+                serde_json::json!({"expression": "ws.close(); document.body.dataset.session"}),
+            )
+            .await;
+            dropped = r["result"]["value"].as_str().map(str::to_owned);
+        }
         id += 1;
         let r = call(
             &mut ws,
@@ -192,6 +207,30 @@ async fn the_captions_page_shows_finals_of_the_microphone_in_chromium() {
     }
     eprintln!("WER on the page {errors}");
     assert!(errors.rate() < 0.5, "{finals:?}");
+    id += 1;
+    let after = call(
+        &mut ws,
+        id,
+        "Runtime.evaluate",
+        serde_json::json!({"expression": "JSON.stringify([document.body.dataset.session, document.body.dataset.resumes, [...document.querySelectorAll('p.final')].map(p => p.dataset.utterance)])"}),
+    )
+    .await;
+    let (session, resumes, numbers): (String, String, Vec<String>) =
+        serde_json::from_str(after["result"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        Some(session),
+        dropped,
+        "the page did not resume its session"
+    );
+    assert_ne!(resumes, "0");
+    let mut unique = numbers.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        numbers.len(),
+        "a final shown twice: {numbers:?}"
+    );
     id += 1;
     let shot = call(
         &mut ws,

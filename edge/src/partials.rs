@@ -42,8 +42,12 @@ pub struct PartialsConfig {
     pub threads: usize,
 }
 
+/// 5 s: on real tiny.en it showed 90% of the words in a partial with a
+/// median delay of 0.35 s at 0.6 CPU-seconds per second of speech, where
+/// 10 s cost half as much again and `fit` was slower and far less right
+/// (docs/benchmarks.md).
 fn d_window() -> EncoderWindow {
-    EncoderWindow::Padded(10)
+    EncoderWindow::Padded(5)
 }
 
 fn d_cadence() -> u32 {
@@ -66,6 +70,32 @@ impl PartialsConfig {
             return Err(format!("partials.threads = {}: use 1 to 64", self.threads));
         }
         Ok(())
+    }
+}
+
+/// When a session's next partial is due, on the session's audio clock (16
+/// kHz samples; pure, `now` passed in): a cadence of speech after the
+/// utterance's start or the last ask.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cadence {
+    utterance: u32,
+    asked_at: u64,
+}
+
+impl Cadence {
+    /// Whether to ask now for a partial of `utterance`, whose speech began
+    /// at sample `start`, with `now` samples heard and none in flight;
+    /// when it says yes the next one is due `every` samples later.
+    pub fn due(&mut self, utterance: u32, start: u64, now: u64, every: u64) -> bool {
+        if self.utterance != utterance {
+            self.utterance = utterance;
+            self.asked_at = start;
+        }
+        if now < self.asked_at.saturating_add(every) {
+            return false;
+        }
+        self.asked_at = now;
+        true
     }
 }
 
@@ -207,5 +237,38 @@ fn work(
             .observe(started.elapsed().as_secs_f64());
         // The session may have gone; its answer has no reader then.
         let _ = job.reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cadence;
+
+    const EVERY: u64 = 6_400; // 400 ms
+
+    #[test]
+    fn a_partial_is_due_a_cadence_after_the_start_then_after_each_ask() {
+        let mut c = Cadence::default();
+        // Utterance 1 began at 1 s: nothing before 1.4 s.
+        assert!(!c.due(1, 16_000, 16_000, EVERY));
+        assert!(!c.due(1, 16_000, 22_399, EVERY));
+        assert!(c.due(1, 16_000, 22_400, EVERY));
+        // The next one a cadence after that ask, not after the start.
+        assert!(!c.due(1, 16_000, 28_000, EVERY));
+        assert!(c.due(1, 16_000, 28_800, EVERY));
+        // An ask that could not go (busy, or one in flight) is simply
+        // asked again later: a long gap gives one partial, not a backlog.
+        assert!(c.due(1, 16_000, 80_000, EVERY));
+        assert!(!c.due(1, 16_000, 80_512, EVERY));
+    }
+
+    #[test]
+    fn a_new_utterance_starts_its_own_cadence() {
+        let mut c = Cadence::default();
+        assert!(c.due(1, 0, 7_000, EVERY));
+        // Utterance 2 starts at 2 s: its first partial is due at 2.4 s,
+        // however recently utterance 1's was asked.
+        assert!(!c.due(2, 32_000, 38_000, EVERY));
+        assert!(c.due(2, 32_000, 38_400, EVERY));
     }
 }

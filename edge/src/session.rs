@@ -318,6 +318,51 @@ fn truncate(s: &str) -> String {
 /// Numbers in a row no region holds after which a resume stops looking.
 const RESUME_GAP: usize = 2;
 
+/// A resume's walk over the utterance numbers after `last` (pure): which
+/// to ask the regions for next, and what their answers mean.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ResumeScan {
+    next: u32,
+    highest: u32,
+    /// Numbers since the last one found that no region holds.
+    missing: Vec<u32>,
+}
+
+impl ResumeScan {
+    fn new(last: u32) -> Self {
+        ResumeScan {
+            next: last.saturating_add(1),
+            highest: last,
+            missing: Vec::new(),
+        }
+    }
+
+    /// The number to ask about next; `None` once more than
+    /// [`RESUME_GAP`] in a row were held nowhere (or numbers ran out).
+    fn ask(&self) -> Option<u32> {
+        (self.missing.len() <= RESUME_GAP && self.next > self.highest).then_some(self.next)
+    }
+
+    /// `n` was found; returns the numbers before it that no region holds:
+    /// lost before they reached one.
+    fn found(&mut self, n: u32) -> Vec<u32> {
+        self.highest = n;
+        self.next = n.saturating_add(1);
+        std::mem::take(&mut self.missing)
+    }
+
+    /// No region holds `n` (or one could not be asked).
+    fn absent(&mut self, n: u32) {
+        self.missing.push(n);
+        self.next = n.saturating_add(1);
+    }
+
+    /// The last number found (`last` if none): new utterances follow it.
+    fn highest(&self) -> u32 {
+        self.highest
+    }
+}
+
 /// What an utterance task returns.
 struct Outcome {
     number: u32,
@@ -355,10 +400,8 @@ struct Session {
     delivered: u32,
     /// The partial in flight, if any (at most one per session).
     partial: Option<PartialAsk>,
-    /// The utterance partials were last asked for, and the audio clock at
-    /// that ask (the next is due a cadence later).
-    partial_utterance: u32,
-    partial_at: u64,
+    /// When the next partial is due.
+    cadence: crate::partials::Cadence,
     /// This session among the edge's live ones.
     live: LiveGuard,
     _permit: OwnedSemaphorePermit,
@@ -444,8 +487,7 @@ pub async fn run(
         announced: 0,
         delivered: 0,
         partial: None,
-        partial_utterance: 0,
-        partial_at: 0,
+        cadence: Default::default(),
         live,
         _permit: permit,
     };
@@ -759,13 +801,11 @@ impl Session {
     /// region holds, there are no more.
     async fn replay(&mut self, socket: &mut WebSocket, last: u32) -> Result<(), axum::Error> {
         let started = Instant::now();
-        let (mut n, mut highest) = (last, last);
-        let mut missing: Vec<u32> = Vec::new();
+        let mut scan = ResumeScan::new(last);
         let mut unreachable: Vec<crate::uplink::Attempt> = Vec::new();
         let mut replayed = 0u64;
         self.edge.metrics.resumes.inc();
-        while missing.len() <= RESUME_GAP {
-            n = n.saturating_add(1);
+        while let Some(n) = scan.ask() {
             let header = Header {
                 session: *self.id.as_bytes(),
                 utterance: n,
@@ -782,7 +822,7 @@ impl Session {
             let asked = Instant::now();
             match self.edge.uplink.fetch(&header).await {
                 Ok(Fetched::Found(answer)) => {
-                    for lost in missing.drain(..) {
+                    for lost in scan.found(n) {
                         let mut msg = ErrorMessage::new(
                             ClientErrorCode::UtteranceFailed,
                             "this utterance did not reach a region before the connection dropped: send its audio again",
@@ -804,12 +844,11 @@ impl Session {
                         result: Ok(*answer),
                     };
                     self.deliver(socket, Ok(outcome)).await?;
-                    highest = n;
                     replayed += 1;
                 }
-                Ok(Fetched::NotFound) => missing.push(n),
+                Ok(Fetched::NotFound) => scan.absent(n),
                 Ok(Fetched::Unreachable(attempts)) => {
-                    missing.push(n);
+                    scan.absent(n);
                     unreachable = attempts;
                 }
                 Err(e) => {
@@ -819,6 +858,7 @@ impl Session {
             }
         }
         self.edge.metrics.resumed_finals.inc_by(replayed);
+        let highest = scan.highest();
         self.next_utterance = highest.saturating_add(1);
         self.delivered = highest;
         tracing::info!(
@@ -975,14 +1015,12 @@ impl Session {
             return;
         }
         let utterance = self.next_utterance;
-        if self.partial_utterance != utterance {
-            self.partial_utterance = utterance;
-            self.partial_at = start;
-        }
-        if self.processed < self.partial_at + partials.cadence_samples() {
+        if !self
+            .cadence
+            .due(utterance, start, self.processed, partials.cadence_samples())
+        {
             return;
         }
-        self.partial_at = self.processed;
         let from = (start.max(self.audio_base) - self.audio_base) as usize * 2;
         let to = ((self.processed - self.audio_base) as usize * 2).min(self.audio.len());
         let Some(bytes) = self.audio.get(from..to) else {
@@ -1442,6 +1480,38 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_resume_scan_reports_lost_numbers_and_stops_after_a_gap() {
+        let mut scan = ResumeScan::new(1);
+        assert_eq!(scan.ask(), Some(2));
+        assert!(scan.found(2).is_empty());
+        assert_eq!(scan.ask(), Some(3));
+        scan.absent(3);
+        // 3 is held nowhere but 4 is: 3 was lost.
+        assert_eq!(scan.ask(), Some(4));
+        assert_eq!(scan.found(4), [3]);
+        for n in 5..=7 {
+            assert_eq!(scan.ask(), Some(n));
+            scan.absent(n);
+        }
+        // Three in a row held nowhere: no more, and 5..7 are not lost
+        // (they never existed).
+        assert_eq!(scan.ask(), None);
+        assert_eq!(scan.highest(), 4);
+        // Nothing after `last`: new utterances follow `last`.
+        let mut empty = ResumeScan::new(9);
+        for _ in 0..=RESUME_GAP {
+            let n = empty.ask().unwrap();
+            empty.absent(n);
+        }
+        assert_eq!((empty.ask(), empty.highest()), (None, 9));
+        // The numbers cannot run past u32::MAX.
+        let mut top = ResumeScan::new(u32::MAX - 1);
+        let n = top.ask().unwrap();
+        assert!(top.found(n).is_empty());
+        assert_eq!(top.ask(), None);
     }
 
     #[test]
