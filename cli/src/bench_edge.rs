@@ -164,8 +164,28 @@ fn noise_frame(seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Runs `--streams`.
-pub async fn streams(streams: usize, seconds: f64, threads: usize) -> anyhow::Result<()> {
+/// Runs `--streams`: quiet noise (the VAD evaluates every window and cuts
+/// nothing), or with `speech` the spoken sentences of [`speech::ENGLISH`],
+/// looped, each stream from its own place in them (utterances are cut and
+/// partials asked; with no region behind the edge their finals fail, which
+/// costs the edge nothing while it is measured).
+pub async fn streams(
+    streams: usize,
+    seconds: f64,
+    threads: usize,
+    speech: bool,
+) -> anyhow::Result<()> {
+    let spoken: Arc<Vec<Vec<u8>>> = Arc::new(if speech {
+        let dir = tempfile::tempdir()?;
+        crate::speech::synthesize(&crate::speech::ENGLISH, 1.0, 0.5, dir.path())?
+            .pcm_bytes()
+            .chunks(3200)
+            .filter(|c| c.len() == 3200)
+            .map(<[u8]>::to_vec)
+            .collect()
+    } else {
+        Vec::new()
+    });
     // EARSHOT_EDGE_VAD_THREADS_KEY: what the measured edge's config calls
     // the VAD thread count (`sessions` before the VAD was batched).
     let key = std::env::var("EARSHOT_EDGE_VAD_THREADS_KEY").unwrap_or_else(|_| "threads".into());
@@ -187,6 +207,7 @@ pub async fn streams(streams: usize, seconds: f64, threads: usize) -> anyhow::Re
         let url = url.clone();
         let worst_late = worst_late.clone();
         let failures = failures.clone();
+        let spoken = spoken.clone();
         let start = began + ramp.mul_f64(i as f64 / streams as f64);
         clients.push(tokio::spawn(async move {
             tokio::time::sleep_until(start).await;
@@ -195,13 +216,20 @@ pub async fn streams(streams: usize, seconds: f64, threads: usize) -> anyhow::Re
                 return;
             };
             let (mut sink, mut source) = ws.split();
-            let frame = noise_frame(i as u64 + 1);
+            let noise = noise_frame(i as u64 + 1);
+            let mut at = i * 7;
             let mut next = Instant::now();
             let reader = tokio::spawn(async move { while source.next().await.is_some() {} });
             while next < stop_at {
                 tokio::time::sleep_until(next).await;
                 let late = next.elapsed().as_micros() as u64;
                 worst_late.fetch_max(late, Ordering::Relaxed);
+                let frame = if spoken.is_empty() {
+                    &noise
+                } else {
+                    at += 1;
+                    &spoken[at % spoken.len()]
+                };
                 if sink
                     .send(Message::Binary(frame.clone().into()))
                     .await
@@ -248,8 +276,13 @@ pub async fn streams(streams: usize, seconds: f64, threads: usize) -> anyhow::Re
         )
     };
     let ((s0, c0), (s1, c1)) = (batch_sum(&m0), batch_sum(&m1));
+    let what = if speech {
+        "spoken sentences"
+    } else {
+        "quiet noise"
+    };
     println!(
-        "edge: {streams} real-time streams (100 ms frames of quiet noise), {threads} VAD threads, {elapsed:.1} s measured"
+        "edge: {streams} real-time streams (100 ms frames of {what}), {threads} VAD threads, {elapsed:.1} s measured"
     );
     println!(
         "  sessions open                 {active:.0} (client failures: {})",
@@ -275,6 +308,21 @@ pub async fn streams(streams: usize, seconds: f64, threads: usize) -> anyhow::Re
         (s1 - s0) / (c1 - c0).max(1.0)
     );
     println!("  worst client send lateness    {late_ms:.1} ms");
+    let delta = |name: &str| metric(&m1, name).unwrap_or(0.0) - metric(&m0, name).unwrap_or(0.0);
+    let skipped = "earshot_edge_partials_skipped_total";
+    println!(
+        "  partials sent / skipped busy  {:.0} / {:.0} ({:.2} per stream-second sent)",
+        delta("earshot_edge_partials_total"),
+        delta(&format!("{skipped}{{reason=\"busy\"}}")),
+        delta("earshot_edge_partials_total") / offered
+    );
+    let compute = "earshot_edge_partial_compute_seconds";
+    let (p0, p1) = (buckets(&m0, compute), buckets(&m1, compute));
+    println!(
+        "  partial compute p50 / p99     <= {:.0} / {:.0} ms (bucket bounds)",
+        1000.0 * quantile(&p0, &p1, 0.5),
+        1000.0 * quantile(&p0, &p1, 0.99)
+    );
     println!(
         "  edge resident memory          {:.1} MiB",
         rss as f64 / 1024.0

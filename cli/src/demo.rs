@@ -1,8 +1,9 @@
 //! `earshot demo`: a real deployment on loopback, as separate processes.
 //!
 //! Starts redis-server, one `earshot-regional` (real Whisper tiny.en
-//! weights, converted by `make setup`) and one `earshot-edge`, streams a
-//! spoken test file through the edge, prints every message the client
+//! weights, converted by `make setup`) and one `earshot-edge` (live
+//! partials from the same weights), streams a spoken test file through the
+//! edge in real time, prints every message the client
 //! receives and what was said beside what was heard, and stops everything
 //! it started.
 
@@ -145,7 +146,8 @@ pub async fn run(workdir: &Path) -> anyhow::Result<()> {
             regions: vec!["eu-west".into()],
             address: "127.0.0.1".into(),
             http_port: free_port()?,
-            extra: String::new(),
+            // Live partials from the same tiny.en, on the edge's CPU.
+            extra: format!("[partials]\nmodel = {model:?}\n"),
         }],
         model,
         onnxruntime,
@@ -189,19 +191,18 @@ pub async fn run(workdir: &Path) -> anyhow::Result<()> {
         edge.http_port
     );
     println!(
-        "\nstreaming {} ({} sentences, 1.5 s of silence between them, {:.1} s) to the edge:\n",
+        "\nstreaming {} ({} sentences, 1.5 s of silence between them, {:.1} s) to the edge in real time\n(partials are the edge's own reading while a sentence is spoken; finals come from the region):\n",
         wav.display(),
         SENTENCES.len(),
         speech.samples.len() as f64 / 16_000.0
     );
-    let transcript = client::stream(
-        &url,
-        &speech.pcm_bytes(),
-        client::StreamOptions::default(),
-        |m: &ServerMessage| {
-            println!("{}", m.to_json());
-        },
-    )
+    let live = client::StreamOptions {
+        pace: Some(Duration::from_millis(100)),
+        ..client::StreamOptions::default()
+    };
+    let transcript = client::stream(&url, &speech.pcm_bytes(), live, |m: &ServerMessage| {
+        println!("{}", m.to_json());
+    })
     .await?;
     println!(
         "\nclose: {}",

@@ -263,6 +263,11 @@ enum BenchCmd {
         /// Real-time streams to send (100 ms frames of quiet noise).
         #[arg(long, conflicts_with = "idle")]
         streams: Option<usize>,
+        /// Streams play spoken sentences instead of noise (utterances cut,
+        /// partials asked when the edge has a partials model:
+        /// EARSHOT_EDGE_EXTRA).
+        #[arg(long, requires = "streams")]
+        speech: bool,
         /// Idle connections to hold open instead.
         #[arg(long)]
         idle: Option<usize>,
@@ -563,6 +568,7 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
             command:
                 BenchCmd::Edge {
                     streams,
+                    speech,
                     idle,
                     seconds,
                     threads,
@@ -570,7 +576,7 @@ async fn run(command: Cmd) -> anyhow::Result<()> {
         } => match (streams, idle) {
             (_, Some(n)) => earshot_cli::bench_edge::idle(n).await,
             (n, None) => {
-                earshot_cli::bench_edge::streams(n.unwrap_or(1500), seconds, threads).await
+                earshot_cli::bench_edge::streams(n.unwrap_or(1500), seconds, threads, speech).await
             }
         },
         Cmd::Verify {

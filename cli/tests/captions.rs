@@ -48,7 +48,9 @@ async fn call(
 async fn the_captions_page_shows_finals_of_the_microphone_in_chromium() {
     let model_dir = earshot_cli::assets::real_model("whisper-tiny.en").unwrap();
     let cluster = Cluster::single(&model_dir, "").await.unwrap();
-    let speech = speech::synthesize(&SENTENCES, 1.5, 0.5, cluster.dir.path()).unwrap();
+    // Long pauses: the connection is dropped in the one after the first
+    // sentence (below), and must not cut a sentence.
+    let speech = speech::synthesize(&SENTENCES, 4.0, 0.5, cluster.dir.path()).unwrap();
     let wav = cluster.dir.path().join("microphone.wav");
     speech.write_wav(&wav).unwrap();
     let url = format!(

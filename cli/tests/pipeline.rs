@@ -12,7 +12,7 @@ use earshot_asr::{EncoderWindow, WhisperModel};
 use earshot_cli::client::{self, StreamOptions, Transcript};
 use earshot_cli::cluster::Cluster;
 use earshot_cli::speech::{self, Speech};
-use earshot_common::client::{ClientErrorCode, FinalMessage, ServerMessage, hex};
+use earshot_common::client::{ClientErrorCode, ErrorMessage, FinalMessage, ServerMessage, hex};
 use futures::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use support::{EdgePlan, RegionPlan, metric};
@@ -1236,20 +1236,29 @@ async fn resume(url: &str) -> Vec<ServerMessage> {
 /// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_session_resumes_on_its_edge_and_another_with_each_final_once() {
+    // edge-muc may also use eu-central, but dials it where nothing
+    // listens: a region a resume cannot ask.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let unreachable: &'static str =
+        Box::leak(format!("\n[uplink]\ndial = {{ eu-central = \"{dead}\" }}\n").into_boxed_str());
     let edges = [
         EdgePlan::new("edge-fra", "eu", &["eu-west"]),
         EdgePlan::new("edge-ams", "eu", &["eu-west"]),
+        EdgePlan {
+            extra: unreachable,
+            ..EdgePlan::new("edge-muc", "eu", &["eu-west", "eu-central"])
+        },
     ];
-    let cluster = support::start(
-        &[RegionPlan {
-            name: "eu-west",
-            jurisdiction: "eu",
-            workers: 1,
-            extra: "",
-        }],
-        &edges,
-    )
-    .await;
+    let region = |name| RegionPlan {
+        name,
+        jurisdiction: "eu",
+        workers: 1,
+        extra: "",
+    };
+    let cluster = support::start(&[region("eu-west"), region("eu-central")], &edges).await;
     let speech = speak(cluster.dir.path());
     let (mut ws, _) = tokio_tungstenite::connect_async(cluster.listen_url("edge-fra", ""))
         .await
@@ -1316,6 +1325,25 @@ async fn a_dropped_session_resumes_on_its_edge_and_another_with_each_final_once(
             "edge-ams"
         );
     }
+
+    // A permitted region that cannot be asked: the finals the others hold,
+    // then `resume_incomplete` naming it.
+    let short = resume(&cluster.listen_url("edge-muc", &query(0))).await;
+    assert_eq!(
+        finals_once(&short).keys().copied().collect::<Vec<_>>(),
+        [1, 2, 3],
+        "{short:#?}"
+    );
+    let incomplete: Vec<&ErrorMessage> = short
+        .iter()
+        .filter_map(|m| match m {
+            ServerMessage::Error(e) if e.code == ClientErrorCode::ResumeIncomplete => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(incomplete.len(), 1, "{short:#?}");
+    assert!(!incomplete[0].fatal);
+    assert!(incomplete[0].message.contains("eu-central"), "{short:#?}");
 
     // Resumed after the last: nothing replayed, new speech is utterance 4.
     let url = cluster.listen_url("edge-ams", &query(3));

@@ -146,10 +146,15 @@ impl World {
     }
 
     fn agent(&self, node: &str, region: &str) -> Agent {
+        self.agent_of(node, region, "whisper")
+    }
+
+    /// A sync agent of `node` in `region` following model `model`.
+    fn agent_of(&self, node: &str, region: &str, model: &str) -> Agent {
         let mut config = SyncConfig::new(
             node,
             region,
-            "whisper",
+            model,
             self.dir.path().join("nodes").join(node),
         );
         config.poll_interval_ms = 100;
@@ -689,4 +694,43 @@ async fn s3_unreachable_keeps_the_model_and_reports_staleness() {
         text.contains(r#"earshot_registry_sync_active_info{model="whisper",version="1"} 1"#),
         "{text}"
     );
+}
+
+/// The edge tier: a GGUF q8_0 Whisper published with tier `edge`, replicated,
+/// promoted and synced by an edge node's agent like the regional model, and
+/// the node's `current` loads as the partials model does (earshot's network
+/// over the quantized weights).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_tier_gguf_model_syncs_to_an_edge_and_loads() {
+    use earshot_common::manifest::{Format, Quantization, Tier};
+    let w = world().await;
+    let float = w.model("edge-src", seeded(7));
+    let gguf = w.dir.path().join("src").join("edge-q8_0");
+    earshot_asr::quantize::quantize_whisper(&float, &gguf, earshot_asr::quantize::Scheme::Q8_0)
+        .unwrap();
+    let mut request = PublishRequest::new(&gguf, "whisper-edge", "1", "global");
+    request.tier = Tier::Edge;
+    request.quantization = Quantization::Q8_0;
+    request.publisher = "test".into();
+    let report = publish::publish(&w.registry, &request, &w.transfer())
+        .await
+        .unwrap();
+    assert_eq!(report.manifest.tier, Tier::Edge);
+    assert_eq!(report.manifest.format, Format::Gguf);
+    replicate::replicate(&w.registry, &Selection::default(), &w.transfer())
+        .await
+        .unwrap();
+    channels::promote(&w.registry, "whisper-edge", "stable", "1", ALL, "test")
+        .await
+        .unwrap();
+    let mut agent = w.agent_of("edge-fra-0", "eu-west", "whisper-edge");
+    assert!(matches!(
+        agent.poll_once().await.unwrap(),
+        Poll::Activated { .. }
+    ));
+    let current = agent.current_link();
+    assert!(current.join("model.gguf").is_file());
+    let model = earshot_asr::WhisperModel::load(&current, earshot_asr::EncoderWindow::Fit).unwrap();
+    model.transcribe(&vec![0.0; 16_000], Some("en")).unwrap();
+    w.server.stop().await;
 }
