@@ -22,6 +22,18 @@ struct Args {
 const EX_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // Candle (live partials) would otherwise run its kernels on every core
+    // from each partials thread: one core per partials thread, so that
+    // `partials.threads` is what partials may take from the VAD.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        #[allow(unsafe_code)]
+        // SAFETY: no other thread exists yet (nothing has been spawned:
+        // the runtime starts below), so nothing reads the environment
+        // concurrently.
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", "1");
+        }
+    }
     let args = Args::parse();
     let config = match EdgeConfig::load(&args.config) {
         Ok(c) => c,

@@ -36,10 +36,15 @@ pub struct PartialsConfig {
     #[serde(default = "d_cadence")]
     pub cadence_ms: u32,
     /// Threads running partials, shared by every session (each runs one
-    /// partial at a time; candle's kernels inside it use
-    /// `RAYON_NUM_THREADS`).
+    /// partial at a time, on one core: `earshot-edge` sets candle's
+    /// `RAYON_NUM_THREADS` to 1 unless it is set).
     #[serde(default = "d_threads")]
     pub threads: usize,
+    /// The nice value partials run at (0 to 19): below the VAD, sockets
+    /// and timers, so that on a busy machine partials get what is left of
+    /// the cores instead of delaying frames.
+    #[serde(default = "d_nice")]
+    pub nice: i32,
 }
 
 /// 5 s: on real tiny.en it showed 90% of the words in a partial with a
@@ -58,6 +63,10 @@ fn d_threads() -> usize {
     1
 }
 
+fn d_nice() -> i32 {
+    19
+}
+
 impl PartialsConfig {
     pub fn validate(&self) -> Result<(), String> {
         if !(100..=10_000).contains(&self.cadence_ms) {
@@ -65,6 +74,9 @@ impl PartialsConfig {
                 "partials.cadence_ms = {}: use 100 to 10000 (the default is 400)",
                 self.cadence_ms
             ));
+        }
+        if !(0..=19).contains(&self.nice) {
+            return Err(format!("partials.nice = {}: use 0 to 19", self.nice));
         }
         if !(1..=64).contains(&self.threads) {
             return Err(format!("partials.threads = {}: use 1 to 64", self.threads));
@@ -140,7 +152,18 @@ impl Partials {
     /// Loads the model and starts `config.threads` threads. They end when
     /// the engine is dropped.
     pub fn start(config: &PartialsConfig, metrics: Arc<Metrics>) -> Result<Self, AsrError> {
-        let slot = ModelSlot::load(&config.model, config.window, None)?;
+        // Loaded on a thread already at the partials' priority: threads
+        // candle starts for its kernels inherit it.
+        let (model, window, nice) = (config.model.clone(), config.window, config.nice);
+        let slot = std::thread::Builder::new()
+            .name("partials-load".into())
+            .spawn(move || {
+                lower_priority(nice);
+                ModelSlot::load(&model, window, None)
+            })
+            .map_err(|e| AsrError::Batch(format!("cannot start a partials thread: {e}")))?
+            .join()
+            .map_err(|_| AsrError::Batch("loading the partials model panicked".into()))??;
         let model_id = Arc::new(Mutex::new(slot.id().to_owned()));
         tracing::info!(model = %slot.id(), window = %config.window, "partials model loaded");
         let slot = Arc::new(Mutex::new(slot));
@@ -151,7 +174,10 @@ impl Partials {
                 (rx.clone(), slot.clone(), metrics.clone(), model_id.clone());
             std::thread::Builder::new()
                 .name(format!("partials-{n}"))
-                .spawn(move || work(&rx, &slot, &metrics, &model_id))
+                .spawn(move || {
+                    lower_priority(nice);
+                    work(&rx, &slot, &metrics, &model_id)
+                })
                 .map_err(|e| AsrError::Batch(format!("cannot start a partials thread: {e}")))?;
         }
         Ok(Partials {
@@ -183,6 +209,22 @@ impl Partials {
             Ok(()) => Some(answer),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => None,
         }
+    }
+}
+
+/// Sets the calling thread's nice value (Linux keeps one per thread);
+/// threads it starts inherit it. Raising it needs no privilege.
+fn lower_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    // SAFETY: plain integer arguments naming the calling thread; nothing
+    // is read or written through a pointer.
+    let failed =
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) != 0 };
+    #[cfg(not(target_os = "linux"))]
+    let failed = nice != 0;
+    if failed {
+        tracing::warn!(nice, "cannot lower the partials threads' priority");
     }
 }
 
