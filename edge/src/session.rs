@@ -195,7 +195,7 @@ pub fn parse_params(query: &[(String, String)]) -> Result<ListenParams, Refusal>
                 })?);
             }
             "last" => {
-                last = Some(value.parse::<u32>().map_err(|_| {
+                last = Some(value.parse::<u32>().ok().filter(|&n| n <= MAX_LAST).ok_or_else(|| {
                     (
                         ClientErrorCode::InvalidQuery,
                         format!(
@@ -247,6 +247,10 @@ struct Live {
     /// stops reading (its client reconnected; the edge may not have seen
     /// the old connection drop yet) and finishes its utterances.
     takeover: CancellationToken,
+    /// The highest utterance number the connection has cut: a resume
+    /// numbers new utterances after it even if some are still on their
+    /// way to a region.
+    dispatched: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// A session's place in [`LiveSessions`]; removed when dropped.
@@ -255,6 +259,7 @@ struct LiveGuard {
     id: uuid::Uuid,
     ended: tokio::sync::watch::Sender<()>,
     takeover: CancellationToken,
+    dispatched: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Drop for LiveGuard {
@@ -277,15 +282,34 @@ impl LiveSessions {
     }
 }
 
-/// Takes over an earlier connection of session `id` on this edge, if any
-/// (it stops reading), and waits (up to `wait`) for it to finish its
-/// utterances; then enters the session as live.
-async fn enter(edge: &Arc<EdgeInner>, id: uuid::Uuid, resuming: bool, wait: Duration) -> LiveGuard {
-    let earlier = if resuming {
-        edge.live.lock().get(&id).cloned()
-    } else {
-        None
+/// Enters session `id` as live on this edge, taking over an earlier
+/// connection of it, if any: that one stops reading and is waited for (up
+/// to `wait`) while it finishes its utterances. The swap is one step under
+/// the lock, so of two resumes at once the later takes over the earlier.
+/// Also returns the highest utterance number the earlier one cut.
+async fn enter(
+    edge: &Arc<EdgeInner>,
+    id: uuid::Uuid,
+    resuming: bool,
+    wait: Duration,
+) -> (LiveGuard, u32) {
+    let (ended, rx) = tokio::sync::watch::channel(());
+    let takeover = CancellationToken::new();
+    let dispatched = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let live = Live {
+        ended: rx,
+        takeover: takeover.clone(),
+        dispatched: dispatched.clone(),
     };
+    let earlier = {
+        let mut map = edge.live.lock();
+        if resuming || !map.contains_key(&id) {
+            map.insert(id, live)
+        } else {
+            None
+        }
+    };
+    let mut cut = 0;
     if let Some(mut earlier) = earlier {
         earlier.takeover.cancel();
         // `changed` fails once the earlier connection's guard is dropped.
@@ -293,22 +317,18 @@ async fn enter(edge: &Arc<EdgeInner>, id: uuid::Uuid, resuming: bool, wait: Dura
             while earlier.ended.changed().await.is_ok() {}
         })
         .await;
+        cut = earlier
+            .dispatched
+            .load(std::sync::atomic::Ordering::Acquire);
     }
-    let (ended, rx) = tokio::sync::watch::channel(());
-    let takeover = CancellationToken::new();
-    edge.live.lock().insert(
-        id,
-        Live {
-            ended: rx,
-            takeover: takeover.clone(),
-        },
-    );
-    LiveGuard {
+    let guard = LiveGuard {
         edge: edge.clone(),
         id,
         ended,
         takeover,
-    }
+        dispatched,
+    };
+    (guard, cut)
 }
 
 fn truncate(s: &str) -> String {
@@ -316,7 +336,11 @@ fn truncate(s: &str) -> String {
 }
 
 /// Numbers in a row no region holds after which a resume stops looking.
-const RESUME_GAP: usize = 2;
+const RESUME_GAP: usize = 3;
+
+/// The largest `last` a resume takes: far beyond any session's utterances
+/// (a 4-hour session cuts a few thousand), so numbers never run out.
+const MAX_LAST: u32 = 1 << 30;
 
 /// A resume's walk over the utterance numbers after `last` (pure): which
 /// to ask the regions for next, and what their answers mean.
@@ -324,8 +348,11 @@ const RESUME_GAP: usize = 2;
 struct ResumeScan {
     next: u32,
     highest: u32,
-    /// Numbers since the last one found that no region holds.
-    missing: Vec<u32>,
+    /// Numbers since the last one found that no region holds; `true` when
+    /// every permitted region said so (else one could not be asked).
+    gap: Vec<(u32, bool)>,
+    /// The first number a region could not be asked about.
+    first_unreachable: Option<u32>,
 }
 
 impl ResumeScan {
@@ -333,33 +360,61 @@ impl ResumeScan {
         ResumeScan {
             next: last.saturating_add(1),
             highest: last,
-            missing: Vec::new(),
+            gap: Vec::new(),
+            first_unreachable: None,
         }
     }
 
-    /// The number to ask about next; `None` once more than
-    /// [`RESUME_GAP`] in a row were held nowhere (or numbers ran out).
+    /// The number to ask about next; `None` once [`RESUME_GAP`] in a row
+    /// were held nowhere (or numbers ran out).
     fn ask(&self) -> Option<u32> {
-        (self.missing.len() <= RESUME_GAP && self.next > self.highest).then_some(self.next)
+        (self.gap.len() < RESUME_GAP && self.next > self.highest).then_some(self.next)
     }
 
-    /// `n` was found; returns the numbers before it that no region holds:
-    /// lost before they reached one.
+    /// `n` was found; returns the numbers before it that every region
+    /// said it holds nothing of: lost before they reached one.
     fn found(&mut self, n: u32) -> Vec<u32> {
         self.highest = n;
         self.next = n.saturating_add(1);
-        std::mem::take(&mut self.missing)
+        std::mem::take(&mut self.gap)
+            .into_iter()
+            .filter_map(|(n, certain)| certain.then_some(n))
+            .collect()
     }
 
-    /// No region holds `n` (or one could not be asked).
+    /// Every permitted region holds nothing of `n`.
     fn absent(&mut self, n: u32) {
-        self.missing.push(n);
+        self.gap.push((n, true));
         self.next = n.saturating_add(1);
     }
 
-    /// The last number found (`last` if none): new utterances follow it.
+    /// No region that could be asked holds `n`, and one could not be
+    /// asked: it may hold it.
+    fn unreachable(&mut self, n: u32) {
+        self.first_unreachable.get_or_insert(n);
+        self.gap.push((n, false));
+        self.next = n.saturating_add(1);
+    }
+
+    /// The last number found (`last` if none).
     fn highest(&self) -> u32 {
         self.highest
+    }
+
+    /// New utterances are numbered after this: the last found, and any a
+    /// region could not be asked about (it may hold them).
+    fn numbered_after(&self) -> u32 {
+        self.gap
+            .iter()
+            .filter(|(_, certain)| !certain)
+            .map(|(n, _)| *n)
+            .fold(self.highest, u32::max)
+    }
+
+    /// Where a later resume should start to ask again, if a region could
+    /// not be asked: just before the first number it was not asked about.
+    fn resume_again_after(&self) -> Option<u32> {
+        self.first_unreachable.map(|n| n - 1)
     }
 }
 
@@ -404,6 +459,9 @@ struct Session {
     cadence: crate::partials::Cadence,
     /// This session among the edge's live ones.
     live: LiveGuard,
+    /// The highest utterance an earlier connection of this session on this
+    /// edge cut (0: none).
+    earlier_cut: u32,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -461,7 +519,7 @@ pub async fn run(
     let resuming = params.resume.is_some();
     let id = params.resume.map_or_else(uuid::Uuid::new_v4, |(id, _)| id);
     let wait = Duration::from_millis(edge.config.limits.drain_timeout_ms);
-    let live = enter(&edge, id, resuming, wait).await;
+    let (live, earlier_cut) = enter(&edge, id, resuming, wait).await;
     let span = tracing::info_span!("session", session = %id, edge = %edge.name, resumed = resuming);
     let limits = &edge.config.limits;
     let clock = SessionClock::new(
@@ -489,6 +547,7 @@ pub async fn run(
         partial: None,
         cadence: Default::default(),
         live,
+        earlier_cut,
         _permit: permit,
     };
     edge.metrics.sessions.inc();
@@ -636,7 +695,7 @@ impl Session {
             }
         }
         if let Some((_, last)) = self.params.resume
-            && self.replay(&mut socket, last).await.is_err()
+            && (self.live.takeover.is_cancelled() || self.replay(&mut socket, last).await.is_err())
         {
             self.left().await;
             return;
@@ -848,7 +907,7 @@ impl Session {
                 }
                 Ok(Fetched::NotFound) => scan.absent(n),
                 Ok(Fetched::Unreachable(attempts)) => {
-                    scan.absent(n);
+                    scan.unreachable(n);
                     unreachable = attempts;
                 }
                 Err(e) => {
@@ -859,7 +918,13 @@ impl Session {
         }
         self.edge.metrics.resumed_finals.inc_by(replayed);
         let highest = scan.highest();
-        self.next_utterance = highest.saturating_add(1);
+        // After the last found, anything a region could not be asked
+        // about, and anything an earlier connection on this edge cut (it
+        // may still be on its way to a region).
+        self.next_utterance = scan
+            .numbered_after()
+            .max(self.earlier_cut)
+            .saturating_add(1);
         self.delivered = highest;
         tracing::info!(
             last,
@@ -867,13 +932,13 @@ impl Session {
             took_ms = started.elapsed().as_millis() as u64,
             "session resumed"
         );
-        if !unreachable.is_empty() {
+        if let Some(again) = scan.resume_again_after() {
             let problems: Vec<String> = unreachable
                 .iter()
                 .map(|a| format!("{}: {}", a.region, a.problem))
                 .collect();
             let message = format!(
-                "could not ask every permitted region for this session's finals ({}); finals after utterance {highest} may be missing: resume again with last={highest}",
+                "could not ask every permitted region for this session's finals ({}); finals after utterance {again} may be missing: resume again later with last={again} (finals after it that came now come again)",
                 problems.join("; ")
             );
             self.send_error(socket, ClientErrorCode::ResumeIncomplete, message, false)
@@ -1129,6 +1194,9 @@ impl Session {
         let audio_sha256: [u8; 32] = Sha256::digest(&audio).into();
         let number = self.next_utterance;
         self.next_utterance += 1;
+        self.live
+            .dispatched
+            .fetch_max(number, std::sync::atomic::Ordering::Release);
         let header = Header {
             session: *self.id.as_bytes(),
             utterance: number,
@@ -1492,7 +1560,7 @@ mod tests {
         // 3 is held nowhere but 4 is: 3 was lost.
         assert_eq!(scan.ask(), Some(4));
         assert_eq!(scan.found(4), [3]);
-        for n in 5..=7 {
+        for n in 5..5 + RESUME_GAP as u32 {
             assert_eq!(scan.ask(), Some(n));
             scan.absent(n);
         }
@@ -1502,11 +1570,28 @@ mod tests {
         assert_eq!(scan.highest(), 4);
         // Nothing after `last`: new utterances follow `last`.
         let mut empty = ResumeScan::new(9);
-        for _ in 0..=RESUME_GAP {
+        for _ in 0..RESUME_GAP {
             let n = empty.ask().unwrap();
             empty.absent(n);
         }
         assert_eq!((empty.ask(), empty.highest()), (None, 9));
+        assert_eq!(
+            (scan.numbered_after(), scan.resume_again_after()),
+            (4, None)
+        );
+        // A number a region could not be asked about is not called lost,
+        // new utterances are numbered after it, and a later resume starts
+        // before it.
+        let mut scan = ResumeScan::new(0);
+        scan.unreachable(1);
+        scan.absent(2);
+        assert_eq!(scan.found(3), [2]);
+        scan.unreachable(4);
+        scan.absent(5);
+        scan.absent(6);
+        assert_eq!(scan.ask(), None);
+        assert_eq!(scan.numbered_after(), 4);
+        assert_eq!(scan.resume_again_after(), Some(0));
         // The numbers cannot run past u32::MAX.
         let mut top = ResumeScan::new(u32::MAX - 1);
         let n = top.ask().unwrap();
@@ -1580,6 +1665,10 @@ mod tests {
         let id = "6ea26829-a6cd-4445-bd37-3e8e169d1acc";
         assert_eq!(
             code(&[("session", id), ("last", "-1")]),
+            ClientErrorCode::InvalidQuery
+        );
+        assert_eq!(
+            code(&[("session", id), ("last", "4294967294")]),
             ClientErrorCode::InvalidQuery
         );
         let p = parse_params(&q(&[("session", id), ("last", "4")])).unwrap();

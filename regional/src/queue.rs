@@ -392,11 +392,13 @@ redis.call('PUBLISH', reply, ARGV[2] .. ARGV[1])
 return reply
 ";
 
-/// Keeps the answer under the utterance's key; publishes it again only if
-/// a retry moved the record to another ingress since it was notified.
+/// Keeps the answer under the utterance's key (KEYS[1]), and the session's
+/// index (KEYS[2]) as long as it; publishes it again only if a retry moved
+/// the record to another ingress since it was notified.
 const STORE_RESULT: &str = r"
 redis.call('HSET', KEYS[1], 'result', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 local reply = redis.call('HGET', KEYS[1], 'reply')
 if reply and reply ~= ARGV[4] then
   redis.call('PUBLISH', reply, ARGV[2] .. ARGV[1])
@@ -431,6 +433,7 @@ pub async fn store_result(
         .await?;
     let _: i64 = STORE
         .key(&key)
+        .key(session_key(region, &job.header.session))
         .arg(frame)
         .arg(&job.request[..])
         .arg(result_ttl.as_secs().max(1))
